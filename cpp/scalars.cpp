@@ -1,0 +1,38 @@
+// SPDX-License-Identifier: MIT
+// Per-step scalars in double precision, rounded to float once.
+#include "scalars.h"
+
+#include <cmath>
+
+namespace cpuadam {
+
+StepScalars adam_scalars(const AdamHyper& h) {
+  // In double, as torch does: in float, beta2**step rounds to 1 long before
+  // step is large, and bc2 would collapse to 0.
+  const double step = static_cast<double>(h.step);
+  const double bc1 = 1.0 - std::pow(h.beta1, step);
+  const double bc2 = 1.0 - std::pow(h.beta2, step);
+  const double bc2_sqrt = std::sqrt(bc2);
+  StepScalars s;
+  s.beta1 = static_cast<float>(h.beta1);
+  s.beta2 = static_cast<float>(h.beta2);
+  s.one_minus_beta1 = static_cast<float>(1.0 - h.beta1);
+  s.one_minus_beta2 = static_cast<float>(1.0 - h.beta2);
+  s.step_size = static_cast<float>(h.lr / bc1);
+  s.bc2_sqrt = static_cast<float>(bc2_sqrt);
+  // Keras's step lr*sqrt(bc2)/bc1 * m/(sqrt(v)+eps) equals torch's form with
+  // eps/sqrt(bc2) in place of eps: one kernel, one different scalar.
+  s.eps = static_cast<float>(h.eps_mode == EpsMode::Keras ? h.eps / bc2_sqrt : h.eps);
+  s.weight_decay = static_cast<float>(h.weight_decay);
+  const double decay = h.decay_scale == DecayScale::Lr ? h.lr * h.weight_decay : h.weight_decay;
+  s.decay_factor = static_cast<float>(1.0 - decay);
+  s.grad_scale = static_cast<float>(h.maximize ? -h.grad_scale : h.grad_scale);
+  return s;
+}
+
+DecayMode adam_decay_mode(const AdamHyper& h) {
+  if (h.weight_decay == 0.0) return DecayMode::None;
+  return h.decoupled ? DecayMode::Decoupled : DecayMode::L2;
+}
+
+}  // namespace cpuadam

@@ -1,0 +1,88 @@
+# SPDX-License-Identifier: MIT
+"""Normalising params, param groups and defaults, shared by the optimizer classes."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import numpy as np
+
+_SUPPORTED_DTYPES = (np.dtype(np.float32),)
+
+
+def param_name(group: int, index: int) -> str:
+    return f"params[{index}] in group {group}"
+
+
+def check_param_array(p: Any, name: str) -> None:
+    """Raises TypeError/ValueError unless p can be updated in place by the core."""
+    if not isinstance(p, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray, got {type(p).__name__}")
+    if p.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"{name}: expected a float32 array, got {p.dtype}")
+    if not p.flags.c_contiguous:
+        raise ValueError(f"{name}: expected a C-contiguous array")
+    if not p.flags.writeable:
+        raise ValueError(f"{name}: expected a writeable array, got a read-only one")
+
+
+def check_real(value: Any, name: str, low: float, high: float = math.inf,
+               high_open: bool = False) -> None:
+    """torch.optim-style hyperparameter check: a finite real in [low, high)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"Invalid {name}: expected a real number, got {type(value).__name__}")
+    v = float(value)
+    ok = math.isfinite(v) and v >= low and (v < high if high_open else v <= high)
+    if not ok:
+        raise ValueError(f"Invalid {name}: {value}")
+
+
+def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        listed = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"Invalid {name}: {value!r} (expected one of {listed})")
+
+
+def normalise_groups(params: Any) -> list[dict]:
+    """params as torch accepts it: an iterable of arrays, or of dicts with 'params'."""
+    if isinstance(params, (np.ndarray, dict)):
+        raise TypeError("params argument given to the optimizer should be an iterable of "
+                        f"arrays or dicts, but got {type(params).__name__}")
+    try:
+        items = list(params)
+    except TypeError:
+        raise TypeError("params argument given to the optimizer should be an iterable of "
+                        f"arrays or dicts, but got {type(params).__name__}") from None
+    if len(items) == 0:
+        raise ValueError("optimizer got an empty parameter list")
+    if all(isinstance(x, dict) for x in items):
+        return [dict(g) for g in items]
+    if any(isinstance(x, dict) for x in items):
+        raise TypeError("params must be all arrays or all dicts, not a mix")
+    return [{"params": items}]
+
+
+def group_params(group: dict) -> list:
+    ps = group["params"]
+    if isinstance(ps, np.ndarray):
+        return [ps]
+    if isinstance(ps, (set, frozenset)):
+        raise TypeError("optimizer parameters need to be organized in ordered collections, "
+                        "but the ordering of sets is not deterministic; use a list instead")
+    return list(ps)
+
+
+def check_disjoint(arrays: Iterable[tuple[str, np.ndarray]]) -> None:
+    """No two params may share memory: a step writes them all."""
+    extents = []
+    for name, a in arrays:
+        if a.nbytes == 0:
+            continue
+        lo = a.__array_interface__["data"][0]
+        extents.append((lo, lo + a.nbytes, name))
+    extents.sort(key=lambda e: e[0])
+    for (lo0, hi0, n0), (lo1, hi1, n1) in zip(extents, extents[1:]):
+        if lo1 < hi0:
+            raise ValueError(f"{n1} shares memory with {n0}; each param must be its own buffer "
+                             "(the same array twice, or overlapping views, cannot be optimized)")
