@@ -23,6 +23,8 @@ def check_param_array(p: Any, name: str) -> None:
         raise TypeError(f"{name}: expected a float32 array, got {p.dtype}")
     if not p.flags.c_contiguous:
         raise ValueError(f"{name}: expected a C-contiguous array")
+    if not p.flags.aligned:
+        raise ValueError(f"{name}: data is not aligned to its element size")
     if not p.flags.writeable:
         raise ValueError(f"{name}: expected a writeable array, got a read-only one")
 
