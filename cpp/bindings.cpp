@@ -89,6 +89,11 @@ struct Extent {
   std::string name;
 };
 
+Extent extent_of(const py::array& a, std::string name) {
+  auto lo = reinterpret_cast<uintptr_t>(a.data());
+  return {lo, lo + static_cast<uintptr_t>(a.nbytes()), std::move(name)};
+}
+
 // No two written buffers may share a byte, and no grad may share a byte with
 // a written buffer: the result would depend on the order elements are visited.
 void check_no_overlap(std::vector<Extent> written, const std::vector<Extent>& read) {
@@ -109,29 +114,25 @@ void check_no_overlap(std::vector<Extent> written, const std::vector<Extent>& re
   }
 }
 
-Extent extent_of(const py::array& a, std::string name) {
-  auto lo = reinterpret_cast<uintptr_t>(a.data());
-  return {lo, lo + static_cast<uintptr_t>(a.nbytes()), std::move(name)};
-}
+std::string num_str(double x) { return py::str(py::float_(x)).cast<std::string>(); }
 
-void check_scalar(double x, const char* name, double lo, bool lo_open, double hi, bool hi_open) {
+void check_scalar(double x, const std::string& name, double lo, bool lo_open, double hi, bool hi_open) {
   bool ok = std::isfinite(x) && (lo_open ? x > lo : x >= lo) && (hi_open ? x < hi : x <= hi);
   if (!ok) {
-    std::string range = std::string(lo_open ? "(" : "[") + py::str(py::float_(lo)).cast<std::string>() +
-                        ", " + py::str(py::float_(hi)).cast<std::string>() + (hi_open ? ")" : "]");
-    throw py::value_error(std::string("invalid ") + name + ": " +
-                          py::str(py::float_(x)).cast<std::string>() + " (expected a finite value in " +
+    std::string range = std::string(lo_open ? "(" : "[") + num_str(lo) + ", " + num_str(hi) +
+                        (hi_open ? ")" : "]");
+    throw py::value_error("invalid " + name + ": " + num_str(x) + " (expected a finite value in " +
                           range + ")");
   }
 }
 
-py::sequence as_list(py::handle obj, const char* name) {
+py::sequence as_list(py::handle obj, const std::string& name) {
   if (!py::isinstance<py::list>(obj) && !py::isinstance<py::tuple>(obj))
-    throw py::type_error(std::string(name) + ": expected a list of arrays");
+    throw py::type_error(name + ": expected a list of arrays");
   return py::reinterpret_borrow<py::sequence>(obj);
 }
 
-// Validated buffers of one call; the py::array objects keep the memory alive
+// Validated buffers of one batch; the py::array objects keep the memory alive
 // until the call returns.
 struct Buffers {
   std::vector<py::array> keep;
@@ -140,69 +141,66 @@ struct Buffers {
   std::vector<Extent> written, read;
 };
 
-Buffers validate(py::handle params_obj, py::handle grads_obj, py::handle exp_avgs_obj,
-                 py::handle exp_avg_sqs_obj, py::handle max_exp_avg_sqs_obj, bool amsgrad,
-                 const Namer& namer) {
-  py::sequence params = as_list(params_obj, "params");
-  py::sequence grads = as_list(grads_obj, "grads");
-  py::sequence exp_avgs = as_list(exp_avgs_obj, "exp_avgs");
-  py::sequence exp_avg_sqs = as_list(exp_avg_sqs_obj, "exp_avg_sqs");
+// A per-param buffer list of a batch: its dict key, its name in messages and
+// the span field it fills. All are written by the step.
+struct StateList {
+  const char* key;
+  const char* what;
+  void* TensorSpan::*field;
+};
+
+Buffers validate(const py::dict& d, const std::vector<StateList>& lists, const Namer& namer) {
+  auto field = [&d](const char* key) -> py::handle {
+    if (!d.contains(key)) throw py::value_error(std::string("batch is missing '") + key + "'");
+    return d[key];
+  };
+  py::sequence params = as_list(field("params"), "params");
+  py::sequence grads = as_list(field("grads"), "grads");
   const size_t n = params.size();
-  auto check_len = [n](const py::sequence& s, const char* name) {
+  auto check_len = [n](const py::sequence& s, const std::string& name) {
     if (s.size() != n)
-      throw py::value_error(std::string(name) + " has " + std::to_string(s.size()) +
-                            " entries but params has " + std::to_string(n));
+      throw py::value_error(name + " has " + std::to_string(s.size()) + " entries but params has " +
+                            std::to_string(n));
   };
   check_len(grads, "grads");
-  check_len(exp_avgs, "exp_avgs");
-  check_len(exp_avg_sqs, "exp_avg_sqs");
-  py::sequence maxes;
-  if (amsgrad) {
-    maxes = as_list(max_exp_avg_sqs_obj, "max_exp_avg_sqs");
-    check_len(maxes, "max_exp_avg_sqs");
+  std::vector<py::sequence> states;
+  for (const StateList& l : lists) {
+    states.push_back(as_list(field(l.key), l.key));
+    check_len(states.back(), l.key);
   }
   if (!namer.indices.empty() && namer.indices.size() != n)
     throw py::value_error("indices has " + std::to_string(namer.indices.size()) +
                           " entries but params has " + std::to_string(n));
 
   Buffers b;
-  b.keep.reserve(n * (amsgrad ? 5 : 4));
+  b.keep.reserve(n * (2 + lists.size()));
   b.spans.resize(n);
   b.offsets.resize(n + 1);
   b.offsets[0] = 0;
-  std::vector<Extent>& written = b.written;
-  std::vector<Extent>& read = b.read;
   for (size_t i = 0; i < n; ++i) {
     const std::string pname = namer.param(i);
     py::array p = check_buffer(params[i], pname, true, nullptr, "");
     py::array g = check_buffer(grads[i], namer.of("grad", i), false, &p, pname);
-    py::array m = check_buffer(exp_avgs[i], namer.of("exp_avg", i), true, &p, pname);
-    py::array v = check_buffer(exp_avg_sqs[i], namer.of("exp_avg_sq", i), true, &p, pname);
     TensorSpan& s = b.spans[i];
     s.param = p.mutable_data();
     s.grad = g.data();
-    s.exp_avg = m.mutable_data();
-    s.exp_avg_sq = v.mutable_data();
     s.numel = p.size();
     if (s.numel > 0) {
-      written.push_back(extent_of(p, pname));
-      written.push_back(extent_of(m, namer.of("exp_avg", i)));
-      written.push_back(extent_of(v, namer.of("exp_avg_sq", i)));
-      read.push_back(extent_of(g, namer.of("grad", i)));
+      b.written.push_back(extent_of(p, pname));
+      b.read.push_back(extent_of(g, namer.of("grad", i)));
     }
-    if (amsgrad) {
-      py::array mx = check_buffer(maxes[i], namer.of("max_exp_avg_sq", i), true, &p, pname);
-      s.max_exp_avg_sq = mx.mutable_data();
-      if (s.numel > 0) written.push_back(extent_of(mx, namer.of("max_exp_avg_sq", i)));
-      b.keep.push_back(std::move(mx));
+    for (size_t k = 0; k < lists.size(); ++k) {
+      const std::string name = namer.of(lists[k].what, i);
+      py::array a = check_buffer(states[k][i], name, true, &p, pname);
+      s.*(lists[k].field) = a.mutable_data();
+      if (s.numel > 0) b.written.push_back(extent_of(a, name));
+      b.keep.push_back(std::move(a));
     }
     b.offsets[i + 1] = b.offsets[i] + s.numel;
     b.keep.push_back(std::move(p));
     b.keep.push_back(std::move(g));
-    b.keep.push_back(std::move(m));
-    b.keep.push_back(std::move(v));
   }
-  check_no_overlap(written, read);
+  check_no_overlap(b.written, b.read);
   return b;
 }
 
@@ -233,102 +231,274 @@ T get_or(const py::dict& d, const char* key, T fallback) {
   return d.contains(key) && !d[key].is_none() ? d[key].cast<T>() : fallback;
 }
 
+bool has(const py::dict& d, const char* key) { return d.contains(key) && !d[key].is_none(); }
+
+enum class Optim { Adam, Sgd };
+
 // One batch: tensors of one param group that share a step count, and the
 // group's hyperparameters. Validated completely before anything runs.
 struct Batch {
   Buffers buffers;
   StepArgs args;
+  double base_scale = 1.0;  // maximize's sign times grad_scale
+  double clipnorm = 0.0;    // 0: no per-tensor clipping
 };
 
-Batch make_batch(const py::dict& d) {
+Batch make_batch(const py::dict& d, Optim optim) {
   const int group = get_or<int>(d, "group", 0);
   const std::string in_group = " in group " + std::to_string(group);
-  AdamHyper h;
-  h.step = get_or<int64_t>(d, "step", 0);
-  if (h.step < 1)
-    throw py::value_error("invalid step" + in_group + ": " + std::to_string(h.step) +
-                          " (steps count from 1)");
-  h.lr = get_double(d, "lr");
-  h.beta1 = get_double(d, "beta1");
-  h.beta2 = get_double(d, "beta2");
-  h.eps = get_double(d, "eps");
-  h.weight_decay = get_double(d, "weight_decay");
-  h.grad_scale = d.contains("grad_scale") ? get_double(d, "grad_scale") : 1.0;
-  const std::string lr_name = "lr" + in_group, b1 = "beta1" + in_group, b2 = "beta2" + in_group;
-  const std::string eps_name = "eps" + in_group, wd = "weight_decay" + in_group;
-  check_scalar(h.lr, lr_name.c_str(), 0.0, false, INFINITY, true);
-  check_scalar(h.beta1, b1.c_str(), 0.0, false, 1.0, true);
-  check_scalar(h.beta2, b2.c_str(), 0.0, false, 1.0, true);
-  check_scalar(h.eps, eps_name.c_str(), 0.0, false, INFINITY, true);
-  check_scalar(h.weight_decay, wd.c_str(), 0.0, false, INFINITY, true);
-  if (!std::isfinite(h.grad_scale))
-    throw py::value_error("invalid grad_scale" + in_group + ": " +
-                          py::str(py::float_(h.grad_scale)).cast<std::string>() +
-                          " (expected a finite value)");
-  h.maximize = get_or<bool>(d, "maximize", false);
-  h.decoupled = get_or<bool>(d, "decoupled", false);
-  h.decay_scale = parse_decay_mode(get_or<std::string>(d, "decay_mode", "lr"));
-  h.eps_mode = parse_eps_mode(get_or<std::string>(d, "eps_mode", "torch"));
-  const bool amsgrad = get_or<bool>(d, "amsgrad", false);
-  std::vector<int64_t> indices = get_or<std::vector<int64_t>>(d, "indices", {});
-  Namer namer{group, indices};
-  auto field = [&d](const char* key) -> py::handle {
-    if (!d.contains(key)) throw py::value_error(std::string("batch is missing '") + key + "'");
-    return d[key];
-  };
   Batch b;
-  b.buffers = validate(field("params"), field("grads"), field("exp_avgs"), field("exp_avg_sqs"),
-                       amsgrad ? field("max_exp_avg_sqs") : py::handle(py::none()), amsgrad, namer);
   StepArgs& a = b.args;
-  a.scalars = adam_scalars(h);
-  a.decay = adam_decay_mode(h);
-  a.amsgrad = amsgrad ? Amsgrad::On : Amsgrad::Off;
+  StepScalars& sc = a.scalars;
+  const double lr = get_double(d, "lr");
+  const double weight_decay = get_double(d, "weight_decay");
+  check_scalar(lr, "lr" + in_group, 0.0, false, INFINITY, true);
+  check_scalar(weight_decay, "weight_decay" + in_group, 0.0, false, INFINITY, true);
+  const double grad_scale = has(d, "grad_scale") ? get_double(d, "grad_scale") : 1.0;
+  if (!std::isfinite(grad_scale))
+    throw py::value_error("invalid grad_scale" + in_group + ": " + num_str(grad_scale) +
+                          " (expected a finite value)");
+  b.base_scale = get_or<bool>(d, "maximize", false) ? -grad_scale : grad_scale;
+  if (has(d, "clipnorm")) {
+    b.clipnorm = get_double(d, "clipnorm");
+    check_scalar(b.clipnorm, "clipnorm" + in_group, 0.0, true, INFINITY, true);
+  }
+  sc.clip_value = INFINITY;
+  if (has(d, "clipvalue")) {
+    const double clipvalue = get_double(d, "clipvalue");
+    check_scalar(clipvalue, "clipvalue" + in_group, 0.0, true, INFINITY, true);
+    sc.clip_value = static_cast<float>(clipvalue);
+  }
+  std::vector<StateList> lists;
+  if (optim == Optim::Adam) {
+    AdamHyper h;
+    h.step = get_or<int64_t>(d, "step", 0);
+    if (h.step < 1)
+      throw py::value_error("invalid step" + in_group + ": " + std::to_string(h.step) +
+                            " (steps count from 1)");
+    h.lr = lr;
+    h.weight_decay = weight_decay;
+    h.beta1 = get_double(d, "beta1");
+    h.beta2 = get_double(d, "beta2");
+    h.eps = get_double(d, "eps");
+    check_scalar(h.beta1, "beta1" + in_group, 0.0, false, 1.0, true);
+    check_scalar(h.beta2, "beta2" + in_group, 0.0, false, 1.0, true);
+    check_scalar(h.eps, "eps" + in_group, 0.0, false, INFINITY, true);
+    h.decoupled = get_or<bool>(d, "decoupled", false);
+    h.decay_scale = parse_decay_mode(get_or<std::string>(d, "decay_mode", "lr"));
+    h.eps_mode = parse_eps_mode(get_or<std::string>(d, "eps_mode", "torch"));
+    adam_scalars(h, sc);
+    a.decay = adam_decay_mode(h);
+    a.amsgrad = get_or<bool>(d, "amsgrad", false) ? Amsgrad::On : Amsgrad::Off;
+    lists.push_back({"exp_avgs", "exp_avg", &TensorSpan::exp_avg});
+    lists.push_back({"exp_avg_sqs", "exp_avg_sq", &TensorSpan::exp_avg_sq});
+    if (a.amsgrad == Amsgrad::On)
+      lists.push_back({"max_exp_avg_sqs", "max_exp_avg_sq", &TensorSpan::max_exp_avg_sq});
+  } else {
+    SgdHyper h;
+    h.lr = lr;
+    h.weight_decay = weight_decay;
+    h.momentum = get_or<double>(d, "momentum", 0.0);
+    h.dampening = get_or<double>(d, "dampening", 0.0);
+    check_scalar(h.momentum, "momentum" + in_group, 0.0, false, INFINITY, true);
+    check_scalar(h.dampening, "dampening" + in_group, -INFINITY, true, INFINITY, true);
+    sgd_scalars(h, sc);
+    a.decay = weight_decay == 0.0 ? DecayMode::None : DecayMode::L2;
+    a.nesterov = get_or<bool>(d, "nesterov", false) ? Nesterov::On : Nesterov::Off;
+    if (a.nesterov == Nesterov::On && (h.momentum <= 0.0 || h.dampening != 0.0))
+      throw py::value_error("nesterov" + in_group + " requires a momentum and zero dampening");
+    if (h.momentum != 0.0) {
+      a.momentum = get_or<bool>(d, "momentum_first", false) ? Momentum::First : Momentum::On;
+      lists.push_back({"momentum_buffers", "momentum_buffer", &TensorSpan::exp_avg});
+    }
+  }
+  if (has(d, "grad_accums")) {
+    a.accumulate = Accumulate::Final;
+    lists.push_back({"grad_accums", "grad_accum", &TensorSpan::grad_accum});
+  }
+  if (has(d, "emas")) {
+    a.ema = Ema::On;
+    const double m = get_double(d, "ema_momentum");
+    check_scalar(m, "ema_momentum" + in_group, 0.0, false, 1.0, false);
+    sc.ema_momentum = static_cast<float>(m);
+    sc.one_minus_ema_momentum = static_cast<float>(1.0 - m);
+    lists.push_back({"emas", "ema", &TensorSpan::ema});
+  }
+  std::vector<int64_t> indices = get_or<std::vector<int64_t>>(d, "indices", {});
+  b.buffers = validate(d, lists, Namer{group, indices});
   return b;
 }
 
-// Extents of every buffer in every batch, for the cross-batch overlap check.
-void check_batches_disjoint(const std::vector<Batch>& batches) {
-  if (batches.size() < 2) return;  // each batch checked itself
-  std::vector<Extent> written, read;
-  for (size_t k = 0; k < batches.size(); ++k) {
-    for (const auto& e : batches[k].buffers.written) written.push_back(e);
-    for (const auto& e : batches[k].buffers.read) read.push_back(e);
-  }
-  check_no_overlap(std::move(written), read);
-}
-
-void adam_step(py::handle batches_obj) {
+std::vector<Batch> parse_batches(py::handle batches_obj, Optim optim) {
   if (!py::isinstance<py::list>(batches_obj) && !py::isinstance<py::tuple>(batches_obj))
-    throw py::type_error("adam_step: expected a list of batch dicts");
-  py::sequence seq = py::reinterpret_borrow<py::sequence>(batches_obj);
+    throw py::type_error("expected a list of batch dicts");
   std::vector<Batch> batches;
-  batches.reserve(seq.size());
-  for (py::handle item : seq) {
-    if (!py::isinstance<py::dict>(item)) throw py::type_error("adam_step: each batch must be a dict");
-    batches.push_back(make_batch(py::reinterpret_borrow<py::dict>(item)));
+  for (py::handle item : py::reinterpret_borrow<py::sequence>(batches_obj)) {
+    if (!py::isinstance<py::dict>(item)) throw py::type_error("each batch must be a dict");
+    batches.push_back(make_batch(py::reinterpret_borrow<py::dict>(item), optim));
   }
-  check_batches_disjoint(batches);
+  if (batches.size() > 1) {
+    std::vector<Extent> written, read;
+    for (const Batch& b : batches) {
+      written.insert(written.end(), b.buffers.written.begin(), b.buffers.written.end());
+      read.insert(read.end(), b.buffers.read.begin(), b.buffers.read.end());
+    }
+    check_no_overlap(std::move(written), read);
+  }
   for (Batch& b : batches) {
     b.args.tensors = b.buffers.spans.data();
     b.args.num_tensors = static_cast<int64_t>(b.buffers.spans.size());
     b.args.offsets = b.buffers.offsets.data();
     b.args.num_threads = threads_for(b.buffers.offsets.back(), num_threads());
   }
+  return batches;
+}
+
+// Per-tensor sums of squares of the spans' grads (plus grad_accum where set),
+// in double; deterministic (see NormArgs). Call without the GIL.
+std::vector<double> sum_squares(const KernelTable& table, const std::vector<TensorSpan>& spans) {
+  std::vector<int64_t> block_offsets(spans.size() + 1, 0);
+  int64_t elements = 0;
+  for (size_t i = 0; i < spans.size(); ++i) {
+    block_offsets[i + 1] = block_offsets[i] + (spans[i].numel + kNormBlock - 1) / kNormBlock;
+    elements += spans[i].numel;
+  }
+  std::vector<double> block_sums(static_cast<size_t>(block_offsets.back()), 0.0);
+  NormArgs n;
+  n.tensors = spans.data();
+  n.num_tensors = static_cast<int64_t>(spans.size());
+  n.block_offsets = block_offsets.data();
+  n.block_sums = block_sums.data();
+  // A norm pass reads one buffer per element, a step four: more elements per thread.
+  n.num_threads = threads_for(elements / 4, num_threads());
+  if (block_offsets.back() > 0) table.sum_squares(n);
+  std::vector<double> sums(spans.size(), 0.0);
+  for (size_t i = 0; i < spans.size(); ++i)
+    for (int64_t k = block_offsets[i]; k < block_offsets[i + 1]; ++k) sums[i] += block_sums[k];
+  return sums;
+}
+
+// The whole step: validate every batch, then (without the GIL) the norm pass
+// if clipping or the finiteness check asks for it, then the updates.
+py::dict run_step(py::handle batches_obj, Optim optim, py::object global_clipnorm_obj,
+                  bool skip_nonfinite) {
+  std::vector<Batch> batches = parse_batches(batches_obj, optim);
+  double global_clipnorm = 0.0;
+  if (!global_clipnorm_obj.is_none()) {
+    global_clipnorm = global_clipnorm_obj.cast<double>();
+    check_scalar(global_clipnorm, "global_clipnorm", 0.0, true, INFINITY, true);
+  }
+  bool need_norms = skip_nonfinite || global_clipnorm > 0.0;
+  for (const Batch& b : batches) need_norms = need_norms || b.clipnorm > 0.0;
+
   const KernelTable& table = active_table();
-  bool ran = true;
+  bool ran = true, finite = true;
+  double global_norm = NAN;
   {
     py::gil_scoped_release release;
-    for (const Batch& b : batches)
-      if (b.buffers.offsets.back() > 0) ran = table.adam_step(b.args) && ran;
+    if (need_norms) {
+      std::vector<TensorSpan> all;
+      for (const Batch& b : batches) all.insert(all.end(), b.buffers.spans.begin(), b.buffers.spans.end());
+      std::vector<double> sums = sum_squares(table, all);
+      double total = 0.0;
+      for (size_t i = 0, t = 0; i < batches.size(); ++i)
+        for (size_t k = 0; k < batches[i].buffers.spans.size(); ++k, ++t)
+          total += sums[t] * batches[i].base_scale * batches[i].base_scale;
+      global_norm = std::sqrt(total);
+      finite = std::isfinite(global_norm);
+      const double global_coef =
+          global_clipnorm > 0.0 ? global_clipnorm / std::max(global_norm, global_clipnorm) : 1.0;
+      for (size_t i = 0, t = 0; i < batches.size(); ++i) {
+        Batch& b = batches[i];
+        for (TensorSpan& s : b.buffers.spans) {
+          double coef = global_coef;
+          if (b.clipnorm > 0.0) {
+            const double norm = std::sqrt(sums[t]) * std::fabs(b.base_scale);
+            coef = b.clipnorm / std::max(norm, b.clipnorm);
+          }
+          s.grad_scale = static_cast<float>(b.base_scale * coef);
+          ++t;
+        }
+      }
+    } else {
+      for (Batch& b : batches)
+        for (TensorSpan& s : b.buffers.spans) s.grad_scale = static_cast<float>(b.base_scale);
+    }
+    if (finite || !skip_nonfinite) {
+      for (const Batch& b : batches) {
+        if (b.buffers.offsets.back() == 0) continue;
+        ran = (optim == Optim::Adam ? table.adam_step(b.args) : table.sgd_step(b.args)) && ran;
+      }
+    }
   }
   if (!ran) throw py::type_error("no kernel for these dtypes in level " + std::string(table.level));
+  py::dict result;
+  result["applied"] = finite || !skip_nonfinite;
+  result["finite"] = finite;
+  result["global_norm"] = need_norms ? py::object(py::float_(global_norm)) : py::object(py::none());
+  return result;
+}
+
+// grad_accums[i] += grads[i] over batches {'grads', 'grad_accums', 'group', 'indices'}.
+void accumulate(py::handle batches_obj) {
+  if (!py::isinstance<py::list>(batches_obj) && !py::isinstance<py::tuple>(batches_obj))
+    throw py::type_error("expected a list of batch dicts");
+  std::vector<Buffers> all;
+  std::vector<Extent> written, read;
+  for (py::handle item : py::reinterpret_borrow<py::sequence>(batches_obj)) {
+    if (!py::isinstance<py::dict>(item)) throw py::type_error("each batch must be a dict");
+    py::dict src = py::reinterpret_borrow<py::dict>(item);
+    if (!src.contains("grads") || !src.contains("grad_accums"))
+      throw py::value_error("batch must have 'grads' and 'grad_accums'");
+    // The accumulators are the written buffers, so they take the params' place.
+    py::dict d;
+    d["params"] = src["grad_accums"];
+    d["grads"] = src["grads"];
+    std::vector<int64_t> indices = get_or<std::vector<int64_t>>(src, "indices", {});
+    all.push_back(validate(d, {}, Namer{get_or<int>(src, "group", 0), indices}));
+    written.insert(written.end(), all.back().written.begin(), all.back().written.end());
+    read.insert(read.end(), all.back().read.begin(), all.back().read.end());
+  }
+  check_no_overlap(std::move(written), read);
+  py::gil_scoped_release release;
+  for (Buffers& b : all) {
+    for (TensorSpan& s : b.spans) {
+      s.grad_accum = s.param;
+      s.param = nullptr;
+    }
+    StepArgs a;
+    a.tensors = b.spans.data();
+    a.num_tensors = static_cast<int64_t>(b.spans.size());
+    a.offsets = b.offsets.data();
+    a.num_threads = threads_for(b.offsets.back(), num_threads());
+    if (b.offsets.back() > 0) active_table().accumulate(a);
+  }
+}
+
+std::vector<double> sum_squares_py(py::handle grads) {
+  py::sequence seq = as_list(grads, "grads");
+  std::vector<py::array> keep;
+  std::vector<TensorSpan> spans(seq.size());
+  for (size_t i = 0; i < seq.size(); ++i) {
+    keep.push_back(check_buffer(seq[i], "grads[" + std::to_string(i) + "]", false, nullptr, ""));
+    spans[i].grad = keep.back().data();
+    spans[i].numel = keep.back().size();
+  }
+  py::gil_scoped_release release;
+  return sum_squares(active_table(), spans);
 }
 
 void stream_pass(py::handle params, py::handle grads, py::handle exp_avgs, py::handle exp_avg_sqs) {
+  py::dict d;
+  d["params"] = params;
+  d["grads"] = grads;
+  d["exp_avgs"] = exp_avgs;
+  d["exp_avg_sqs"] = exp_avg_sqs;
   std::vector<int64_t> no_indices;
-  Namer namer{0, no_indices};
-  Buffers b = validate(params, grads, exp_avgs, exp_avg_sqs, py::none(), false, namer);
-  StreamArgs a;
+  Buffers b = validate(d, {{"exp_avgs", "exp_avg", &TensorSpan::exp_avg},
+                           {"exp_avg_sqs", "exp_avg_sq", &TensorSpan::exp_avg_sq}},
+                       Namer{0, no_indices});
+  StepArgs a;
   a.tensors = b.spans.data();
   a.num_tensors = static_cast<int64_t>(b.spans.size());
   a.offsets = b.offsets.data();
@@ -393,9 +563,28 @@ PYBIND11_MODULE(_core, m) {
   }
   m.attr("__version__") = CPUADAM_VERSION;
 
-  m.def("adam_step", &adam_step, py::arg("batches"),
-        "One fused Adam/AdamW step, in place, over batches of buffers (one dict per param\n"
-        "group and step count). Everything is validated before any byte is written.");
+  m.def(
+      "adam_step",
+      [](py::handle batches, py::object global_clipnorm, bool skip_nonfinite) {
+        return run_step(batches, Optim::Adam, global_clipnorm, skip_nonfinite);
+      },
+      py::arg("batches"), py::kw_only(), py::arg("global_clipnorm") = py::none(),
+      py::arg("skip_nonfinite") = false,
+      "One fused Adam/AdamW step, in place, over batches of buffers (one dict per param\n"
+      "group and step count). Everything is validated before any byte is written.\n"
+      "Returns {'applied', 'finite', 'global_norm'}.");
+  m.def(
+      "sgd_step",
+      [](py::handle batches, py::object global_clipnorm, bool skip_nonfinite) {
+        return run_step(batches, Optim::Sgd, global_clipnorm, skip_nonfinite);
+      },
+      py::arg("batches"), py::kw_only(), py::arg("global_clipnorm") = py::none(),
+      py::arg("skip_nonfinite") = false, "One fused SGD (momentum, nesterov) step; as adam_step.");
+  m.def("accumulate", &accumulate, py::arg("batches"),
+        "grad_accums[i] += grads[i] in place over batches {'grads', 'grad_accums', 'group',\n"
+        "'indices'} (a gradient-accumulation call); validated before any write.");
+  m.def("sum_squares", &sum_squares_py, py::arg("grads"),
+        "Per-array sums of squares in float64, the same bits for any thread count.");
   m.def("stream_pass", &stream_pass, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
         py::arg("exp_avg_sqs"),
         "Memory-roofline proxy: reads four buffers and writes three in place, as a step does.");

@@ -1,14 +1,19 @@
 // SPDX-License-Identifier: MIT
-// The per-element Adam/AdamW/AMSGrad arithmetic, written once.
+// The per-element optimizer arithmetic, written once.
 //
-// Symbols (DESIGN.md): p param, g grad, m exp_avg, v exp_avg_sq, vmax max_exp_avg_sq.
-//   g    = grad * grad_scale                (grad_scale < 0 for maximize)
+// Adam/AdamW, with p param, g grad, m exp_avg, v exp_avg_sq, vmax max_exp_avg_sq:
+//   g    = (grad [+ accumulated]) * grad_scale, clipped to [-clip_value, clip_value]
 //   g    = g + weight_decay * p             (DecayMode::L2, Adam)
 //   p    = p * decay_factor                 (DecayMode::Decoupled, AdamW)
 //   m    = m + (1 - beta1) * (g - m)        (torch's lerp form of beta1*m + (1-beta1)*g)
 //   v    = beta2 * v + (1 - beta2) * g * g
 //   vmax = max(vmax, v); use vmax for v     (Amsgrad::On)
 //   p    = p - step_size * m / (sqrt(v) / bc2_sqrt + eps)
+//   ema  = ema_momentum * ema + (1 - ema_momentum) * p   (Ema::On)
+// SGD (torch.optim.SGD), with b the momentum buffer:
+//   b    = g (first step) or momentum * b + (1 - dampening) * g
+//   g    = g + momentum * b (nesterov) or b
+//   p    = p - lr * g
 //
 // The loops are plain C++ that GCC vectorises under each level's flags; the
 // remainder is the same source run one lane at a time, so body and tail round
@@ -31,36 +36,122 @@ inline float madd(float a, float b, float c) {
 #endif
 }
 
-template <DecayMode kDecay, Amsgrad kAmsgrad, typename P, typename G, typename S>
+// Written as compare-and-select so a NaN grad stays NaN (and is caught by the
+// finiteness check) instead of being clipped to a finite value.
+inline float clip(float g, float limit) {
+  g = g > limit ? limit : g;
+  return g < -limit ? -limit : g;
+}
+
+// The gradient as the update sees it: accumulated, scaled, clipped.
+template <Accumulate kAccumulate, typename G>
+inline float effective_grad(const G* __restrict grad, G* __restrict grad_accum, int64_t i,
+                            float scale, float clip_value) {
+  float g = load_float(grad[i]);
+  if constexpr (kAccumulate == Accumulate::Final) {
+    g = load_float(grad_accum[i]) + g;
+    grad_accum[i] = store_float<G>(0.f);
+  }
+  return clip(g * scale, clip_value);
+}
+
+template <DecayMode kDecay, Amsgrad kAmsgrad, Accumulate kAccumulate, Ema kEma, typename P,
+          typename G, typename S>
 inline void adam_range(P* __restrict param, const G* __restrict grad, S* __restrict exp_avg,
-                       S* __restrict exp_avg_sq, S* __restrict max_exp_avg_sq, int64_t n,
+                       S* __restrict exp_avg_sq, S* __restrict max_exp_avg_sq,
+                       G* __restrict grad_accum, P* __restrict ema, int64_t n, float grad_scale,
                        const StepScalars& sc) {
   // Scalars as locals: the compiler cannot prove the buffers do not alias sc.
   const float beta2 = sc.beta2, one_minus_beta1 = sc.one_minus_beta1;
   const float one_minus_beta2 = sc.one_minus_beta2, neg_step_size = -sc.step_size;
   const float bc2_sqrt = sc.bc2_sqrt, eps = sc.eps, weight_decay = sc.weight_decay;
-  const float decay_factor = sc.decay_factor, grad_scale = sc.grad_scale;
+  const float decay_factor = sc.decay_factor, clip_value = sc.clip_value;
+  const float ema_momentum = sc.ema_momentum, one_minus_ema = sc.one_minus_ema_momentum;
 #pragma GCC ivdep
   for (int64_t i = 0; i < n; ++i) {
     float p = load_float(param[i]);
-    float g = load_float(grad[i]) * grad_scale;
+    float g = effective_grad<kAccumulate>(grad, grad_accum, i, grad_scale, clip_value);
     if constexpr (kDecay == DecayMode::L2) g = madd(weight_decay, p, g);
     if constexpr (kDecay == DecayMode::Decoupled) p = p * decay_factor;
-    float m = madd(one_minus_beta1, g - load_float(exp_avg[i]), load_float(exp_avg[i]));
-    float v = madd(one_minus_beta2 * g, g, beta2 * load_float(exp_avg_sq[i]));
+    const float m_old = load_float(exp_avg[i]);
+    const float m = madd(one_minus_beta1, g - m_old, m_old);
+    const float v = madd(one_minus_beta2 * g, g, beta2 * load_float(exp_avg_sq[i]));
     float v_used = v;
     if constexpr (kAmsgrad == Amsgrad::On) {
-      float vmax = load_float(max_exp_avg_sq[i]);
+      const float vmax = load_float(max_exp_avg_sq[i]);
       v_used = vmax > v ? vmax : v;
       max_exp_avg_sq[i] = store_float<S>(v_used);
     }
     // Divide by bc2_sqrt (not multiply by its inverse), as torch does.
-    float denom = __builtin_sqrtf(v_used) / bc2_sqrt + eps;
+    const float denom = __builtin_sqrtf(v_used) / bc2_sqrt + eps;
     p = madd(neg_step_size, m / denom, p);
     exp_avg[i] = store_float<S>(m);
     exp_avg_sq[i] = store_float<S>(v);
     param[i] = store_float<P>(p);
+    if constexpr (kEma == Ema::On)
+      ema[i] = store_float<P>(madd(ema_momentum, load_float(ema[i]), one_minus_ema * p));
   }
+}
+
+template <DecayMode kDecay, Momentum kMomentum, Nesterov kNesterov, Accumulate kAccumulate,
+          Ema kEma, typename P, typename G, typename S>
+inline void sgd_range(P* __restrict param, const G* __restrict grad, S* __restrict momentum_buffer,
+                      G* __restrict grad_accum, P* __restrict ema, int64_t n, float grad_scale,
+                      const StepScalars& sc) {
+  const float neg_lr = -sc.step_size, weight_decay = sc.weight_decay, clip_value = sc.clip_value;
+  const float momentum = sc.momentum, one_minus_dampening = sc.one_minus_dampening;
+  const float ema_momentum = sc.ema_momentum, one_minus_ema = sc.one_minus_ema_momentum;
+#pragma GCC ivdep
+  for (int64_t i = 0; i < n; ++i) {
+    float p = load_float(param[i]);
+    float g = effective_grad<kAccumulate>(grad, grad_accum, i, grad_scale, clip_value);
+    if constexpr (kDecay == DecayMode::L2) g = madd(weight_decay, p, g);
+    if constexpr (kMomentum != Momentum::Off) {
+      float b = g;  // torch starts the buffer as a copy of the first d_p
+      if constexpr (kMomentum == Momentum::On)
+        b = madd(one_minus_dampening, g, momentum * load_float(momentum_buffer[i]));
+      momentum_buffer[i] = store_float<S>(b);
+      g = kNesterov == Nesterov::On ? madd(momentum, b, g) : b;
+    }
+    p = madd(neg_lr, g, p);
+    param[i] = store_float<P>(p);
+    if constexpr (kEma == Ema::On)
+      ema[i] = store_float<P>(madd(ema_momentum, load_float(ema[i]), one_minus_ema * p));
+  }
+}
+
+template <typename G>
+inline void accumulate_range(const G* __restrict grad, G* __restrict grad_accum, int64_t n) {
+#pragma GCC ivdep
+  for (int64_t i = 0; i < n; ++i)
+    grad_accum[i] = store_float<G>(load_float(grad_accum[i]) + load_float(grad[i]));
+}
+
+// Sum of squares of one block in double. Element i always lands in lane
+// i % kLanes and the lanes combine in a fixed tree, so the result is the same
+// bits whatever the vector width. Squares of floats are exact in double.
+template <typename G>
+inline double block_sum_squares(const G* __restrict grad, const G* __restrict grad_accum,
+                                int64_t n) {
+  constexpr int kLanes = 8;
+  double lanes[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      float x = load_float(grad[i + j]);
+      if (grad_accum != nullptr) x = load_float(grad_accum[i + j]) + x;
+      const double d = x;
+      lanes[j] += d * d;
+    }
+  }
+  for (int j = 0; i < n; ++i, ++j) {
+    float x = load_float(grad[i]);
+    if (grad_accum != nullptr) x = load_float(grad_accum[i]) + x;
+    const double d = x;
+    lanes[j] += d * d;
+  }
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+         ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
 }
 
 // Roofline proxy: the step's memory traffic (read p, g, m, v; write p, m, v)

@@ -23,68 +23,166 @@ namespace CPUADAM_LEVEL {
 
 namespace {
 
-template <DecayMode kDecay, Amsgrad kAmsgrad, typename P, typename G, typename S>
-void adam_step_typed(const StepArgs& a) {
-  const int64_t total = a.offsets[a.num_tensors];
-#pragma omp parallel num_threads(a.num_threads) if (a.num_threads > 1)
+// A runtime enum turned into a compile-time one: fn(Flag<value>{}).
+template <auto V>
+struct Flag {
+  static constexpr auto value = V;
+};
+
+template <typename Fn>
+void with_decay(DecayMode d, Fn&& fn) {
+  switch (d) {
+    case DecayMode::None: return fn(Flag<DecayMode::None>{});
+    case DecayMode::L2: return fn(Flag<DecayMode::L2>{});
+    case DecayMode::Decoupled: return fn(Flag<DecayMode::Decoupled>{});
+  }
+}
+
+template <typename Fn>
+void with_accumulate_ema(const StepArgs& a, Fn&& fn) {
+  const bool acc = a.accumulate == Accumulate::Final, ema = a.ema == Ema::On;
+  if (acc && ema) return fn(Flag<Accumulate::Final>{}, Flag<Ema::On>{});
+  if (acc) return fn(Flag<Accumulate::Final>{}, Flag<Ema::Off>{});
+  if (ema) return fn(Flag<Accumulate::Off>{}, Flag<Ema::On>{});
+  return fn(Flag<Accumulate::Off>{}, Flag<Ema::Off>{});
+}
+
+// Runs fn(span, first, count) over this thread's slice of the concatenated
+// range, for every thread of the team.
+template <typename Fn>
+void parallel_pieces(const TensorSpan* tensors, const int64_t* offsets, int64_t num_tensors,
+                     int num_threads, Fn&& fn) {
+  const int64_t total = offsets[num_tensors];
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1)
   {
     Slice s = thread_slice(total, omp_get_thread_num(), omp_get_num_threads());
-    for_each_piece(a.offsets, a.num_tensors, s, [&](int64_t t, int64_t first, int64_t count) {
-      const TensorSpan& span = a.tensors[t];
-      S* max_exp_avg_sq = nullptr;
-      if constexpr (kAmsgrad == Amsgrad::On) max_exp_avg_sq = static_cast<S*>(span.max_exp_avg_sq) + first;
-      adam_range<kDecay, kAmsgrad>(static_cast<P*>(span.param) + first,
-                                   static_cast<const G*>(span.grad) + first,
-                                   static_cast<S*>(span.exp_avg) + first,
-                                   static_cast<S*>(span.exp_avg_sq) + first, max_exp_avg_sq,
-                                   count, a.scalars);
+    for_each_piece(offsets, num_tensors, s, [&](int64_t t, int64_t first, int64_t count) {
+      fn(tensors[t], first, count);
     });
   }
+}
+
+template <typename T>
+T* at(void* base, int64_t first) {
+  return base == nullptr ? nullptr : static_cast<T*>(base) + first;
+}
+
+template <typename T>
+const T* at(const void* base, int64_t first) {
+  return base == nullptr ? nullptr : static_cast<const T*>(base) + first;
 }
 
 template <typename P, typename G, typename S>
-void adam_step_flags(const StepArgs& a) {
-  const bool ams = a.amsgrad == Amsgrad::On;
-  switch (a.decay) {
-    case DecayMode::None:
-      return ams ? adam_step_typed<DecayMode::None, Amsgrad::On, P, G, S>(a)
-                 : adam_step_typed<DecayMode::None, Amsgrad::Off, P, G, S>(a);
-    case DecayMode::L2:
-      return ams ? adam_step_typed<DecayMode::L2, Amsgrad::On, P, G, S>(a)
-                 : adam_step_typed<DecayMode::L2, Amsgrad::Off, P, G, S>(a);
-    case DecayMode::Decoupled:
-      return ams ? adam_step_typed<DecayMode::Decoupled, Amsgrad::On, P, G, S>(a)
-                 : adam_step_typed<DecayMode::Decoupled, Amsgrad::Off, P, G, S>(a);
-  }
+void adam_typed(const StepArgs& a) {
+  with_decay(a.decay, [&](auto decay) {
+    with_accumulate_ema(a, [&](auto accumulate, auto ema) {
+      auto run = [&](auto amsgrad) {
+        parallel_pieces(a.tensors, a.offsets, a.num_tensors, a.num_threads,
+                        [&](const TensorSpan& s, int64_t first, int64_t count) {
+                          adam_range<decay.value, amsgrad.value, accumulate.value, ema.value>(
+                              at<P>(s.param, first), at<G>(s.grad, first),
+                              at<S>(s.exp_avg, first), at<S>(s.exp_avg_sq, first),
+                              at<S>(s.max_exp_avg_sq, first), at<G>(s.grad_accum, first),
+                              at<P>(s.ema, first), count, s.grad_scale, a.scalars);
+                        });
+      };
+      if (a.amsgrad == Amsgrad::On) run(Flag<Amsgrad::On>{}); else run(Flag<Amsgrad::Off>{});
+    });
+  });
+}
+
+template <typename P, typename G, typename S>
+void sgd_typed(const StepArgs& a) {
+  const DecayMode decay_mode = a.decay == DecayMode::None ? DecayMode::None : DecayMode::L2;
+  with_decay(decay_mode, [&](auto decay) {
+    if constexpr (decay.value != DecayMode::Decoupled) {
+      with_accumulate_ema(a, [&](auto accumulate, auto ema) {
+        auto run = [&](auto momentum, auto nesterov) {
+          parallel_pieces(a.tensors, a.offsets, a.num_tensors, a.num_threads,
+                          [&](const TensorSpan& s, int64_t first, int64_t count) {
+                            sgd_range<decay.value, momentum.value, nesterov.value,
+                                      accumulate.value, ema.value>(
+                                at<P>(s.param, first), at<G>(s.grad, first),
+                                at<S>(s.exp_avg, first), at<G>(s.grad_accum, first),
+                                at<P>(s.ema, first), count, s.grad_scale, a.scalars);
+                          });
+        };
+        const bool nesterov = a.nesterov == Nesterov::On;
+        switch (a.momentum) {
+          case Momentum::Off: return run(Flag<Momentum::Off>{}, Flag<Nesterov::Off>{});
+          case Momentum::First:
+            return nesterov ? run(Flag<Momentum::First>{}, Flag<Nesterov::On>{})
+                            : run(Flag<Momentum::First>{}, Flag<Nesterov::Off>{});
+          case Momentum::On:
+            return nesterov ? run(Flag<Momentum::On>{}, Flag<Nesterov::On>{})
+                            : run(Flag<Momentum::On>{}, Flag<Nesterov::Off>{});
+        }
+      });
+    }
+  });
+}
+
+bool all_float32(const StepArgs& a) {
+  return a.param_dtype == DType::Float32 && a.grad_dtype == DType::Float32 &&
+         a.state_dtype == DType::Float32;
 }
 
 bool adam_step(const StepArgs& a) {
-  if (a.param_dtype == DType::Float32 && a.grad_dtype == DType::Float32 &&
-      a.state_dtype == DType::Float32) {
-    adam_step_flags<float, float, float>(a);
-    return true;
-  }
-  return false;
+  if (!all_float32(a)) return false;
+  adam_typed<float, float, float>(a);
+  return true;
 }
 
-void stream_pass(const StreamArgs& a) {
-  const int64_t total = a.offsets[a.num_tensors];
+bool sgd_step(const StepArgs& a) {
+  if (!all_float32(a)) return false;
+  sgd_typed<float, float, float>(a);
+  return true;
+}
+
+bool accumulate(const StepArgs& a) {
+  if (a.grad_dtype != DType::Float32) return false;
+  parallel_pieces(a.tensors, a.offsets, a.num_tensors, a.num_threads,
+                  [&](const TensorSpan& s, int64_t first, int64_t count) {
+                    accumulate_range(at<float>(s.grad, first), at<float>(s.grad_accum, first), count);
+                  });
+  return true;
+}
+
+bool sum_squares(const NormArgs& a) {
+  if (a.grad_dtype != DType::Float32) return false;
+  const int64_t total_blocks = a.block_offsets[a.num_tensors];
 #pragma omp parallel num_threads(a.num_threads) if (a.num_threads > 1)
   {
-    Slice s = thread_slice(total, omp_get_thread_num(), omp_get_num_threads());
-    for_each_piece(a.offsets, a.num_tensors, s, [&](int64_t t, int64_t first, int64_t count) {
+    // Threads split the blocks; each block's sum depends only on its elements.
+    Slice s = thread_slice(total_blocks, omp_get_thread_num(), omp_get_num_threads());
+    for_each_piece(a.block_offsets, a.num_tensors, s, [&](int64_t t, int64_t first, int64_t count) {
       const TensorSpan& span = a.tensors[t];
-      stream_range(static_cast<float*>(span.param) + first,
-                   static_cast<const float*>(span.grad) + first,
-                   static_cast<float*>(span.exp_avg) + first,
-                   static_cast<float*>(span.exp_avg_sq) + first, count);
+      const float* grad = static_cast<const float*>(span.grad);
+      const float* accum = static_cast<const float*>(span.grad_accum);
+      for (int64_t b = first; b < first + count; ++b) {
+        const int64_t lo = b * kNormBlock;
+        const int64_t n = span.numel - lo < kNormBlock ? span.numel - lo : kNormBlock;
+        a.block_sums[a.block_offsets[t] + b] =
+            block_sum_squares(grad + lo, accum == nullptr ? nullptr : accum + lo, n);
+      }
     });
   }
+  return true;
+}
+
+void stream_pass(const StepArgs& a) {
+  parallel_pieces(a.tensors, a.offsets, a.num_tensors, a.num_threads,
+                  [&](const TensorSpan& s, int64_t first, int64_t count) {
+                    stream_range(at<float>(s.param, first), at<float>(s.grad, first),
+                                 at<float>(s.exp_avg, first), at<float>(s.exp_avg_sq, first), count);
+                  });
 }
 
 }  // namespace
 
-KernelTable kernel_table() { return {CPUADAM_STR(CPUADAM_LEVEL), &adam_step, &stream_pass}; }
+KernelTable kernel_table() {
+  return {CPUADAM_STR(CPUADAM_LEVEL), &adam_step, &sgd_step, &accumulate, &sum_squares, &stream_pass};
+}
 
 }  // namespace CPUADAM_LEVEL
 }  // namespace cpuadam

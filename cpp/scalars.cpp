@@ -6,14 +6,13 @@
 
 namespace cpuadam {
 
-StepScalars adam_scalars(const AdamHyper& h) {
+void adam_scalars(const AdamHyper& h, StepScalars& s) {
   // In double, as torch does: in float, beta2**step rounds to 1 long before
   // step is large, and bc2 would collapse to 0.
   const double step = static_cast<double>(h.step);
   const double bc1 = 1.0 - std::pow(h.beta1, step);
   const double bc2 = 1.0 - std::pow(h.beta2, step);
   const double bc2_sqrt = std::sqrt(bc2);
-  StepScalars s;
   s.beta1 = static_cast<float>(h.beta1);
   s.beta2 = static_cast<float>(h.beta2);
   s.one_minus_beta1 = static_cast<float>(1.0 - h.beta1);
@@ -26,8 +25,13 @@ StepScalars adam_scalars(const AdamHyper& h) {
   s.weight_decay = static_cast<float>(h.weight_decay);
   const double decay = h.decay_scale == DecayScale::Lr ? h.lr * h.weight_decay : h.weight_decay;
   s.decay_factor = static_cast<float>(1.0 - decay);
-  s.grad_scale = static_cast<float>(h.maximize ? -h.grad_scale : h.grad_scale);
-  return s;
+}
+
+void sgd_scalars(const SgdHyper& h, StepScalars& s) {
+  s.step_size = static_cast<float>(h.lr);
+  s.momentum = static_cast<float>(h.momentum);
+  s.one_minus_dampening = static_cast<float>(1.0 - h.dampening);
+  s.weight_decay = static_cast<float>(h.weight_decay);
 }
 
 DecayMode adam_decay_mode(const AdamHyper& h) {

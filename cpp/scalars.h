@@ -17,15 +17,23 @@ struct AdamHyper {
   double beta2 = 0.999;
   double eps = 1e-8;
   double weight_decay = 0.0;
-  double grad_scale = 1.0;
   int64_t step = 1;  // counts from 1
-  bool maximize = false;
   bool decoupled = false;  // AdamW
   DecayScale decay_scale = DecayScale::Lr;
   EpsMode eps_mode = EpsMode::Torch;
 };
 
-StepScalars adam_scalars(const AdamHyper& h);
+struct SgdHyper {
+  double lr = 1e-3;
+  double momentum = 0.0;
+  double dampening = 0.0;
+  double weight_decay = 0.0;
+};
+
+// Fills the Adam (or SGD) fields of s; the fields shared by every optimizer
+// (clip_value, EMA) are set by the caller.
+void adam_scalars(const AdamHyper& h, StepScalars& s);
+void sgd_scalars(const SgdHyper& h, StepScalars& s);
 DecayMode adam_decay_mode(const AdamHyper& h);
 
 }  // namespace cpuadam

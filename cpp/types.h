@@ -8,38 +8,58 @@ namespace cpuadam {
 
 enum class DType : int { Float32 = 0, BFloat16 = 1, Float16 = 2 };
 
-// How weight decay enters the step; a template parameter of the kernel.
+// How weight decay enters the step; a template parameter of the kernels.
 enum class DecayMode : int {
-  None = 0,       // weight_decay == 0
-  L2 = 1,         // Adam: g += weight_decay * p
+  None = 0,       // weight_decay == 0, or the tensor is masked out of decay
+  L2 = 1,         // Adam, SGD: g += weight_decay * p
   Decoupled = 2,  // AdamW: p *= decay_factor before the update
 };
 
 enum class Amsgrad : int { Off = 0, On = 1 };
 
+// Gradient accumulation: on the applying call the kernel reads the
+// accumulated sum, adds this call's grad and zeroes the accumulator.
+enum class Accumulate : int { Off = 0, Final = 1 };
+
+// An exponential moving average of the params, updated in the same pass.
+enum class Ema : int { Off = 0, On = 1 };
+
+// SGD's momentum buffer: none, or the first step (buffer = d_p), or later steps.
+enum class Momentum : int { Off = 0, First = 1, On = 2 };
+enum class Nesterov : int { Off = 0, On = 1 };
+
 // Per-step scalars, computed once on the host in double and rounded to float
-// (see scalars.cpp); the kernel never recomputes them per element.
+// (see scalars.cpp); the kernels never recompute them per element.
 struct StepScalars {
   float beta1 = 0.9f;
   float beta2 = 0.999f;
   float one_minus_beta1 = 0.1f;
   float one_minus_beta2 = 0.001f;
-  float step_size = 0.f;     // lr / bc1
+  float step_size = 0.f;     // Adam: lr / bc1; SGD: lr
   float bc2_sqrt = 1.f;      // sqrt(1 - beta2**step)
   float eps = 0.f;           // eps_mode "torch": eps; "keras": eps / sqrt(bc2)
   float weight_decay = 0.f;  // used by DecayMode::L2
   float decay_factor = 1.f;  // used by DecayMode::Decoupled: 1 - lr*wd or 1 - wd
-  float grad_scale = 1.f;    // sign of maximize times the gradient scale
+  float clip_value = 0.f;    // |g| is clipped to this after scaling; +inf when unused
+  float ema_momentum = 0.f;  // EMA: ema = ema_momentum * ema + (1 - ema_momentum) * p
+  float one_minus_ema_momentum = 1.f;
+  float momentum = 0.f;      // SGD
+  float one_minus_dampening = 1.f;
 };
 
-// One tensor's buffers; all have `numel` elements of the step's dtypes.
+// One tensor's buffers; all have `numel` elements. Unused pointers are null.
 struct TensorSpan {
   void* param = nullptr;
   const void* grad = nullptr;
-  void* exp_avg = nullptr;
+  void* exp_avg = nullptr;         // SGD: momentum_buffer
   void* exp_avg_sq = nullptr;
-  void* max_exp_avg_sq = nullptr;  // null unless amsgrad
+  void* max_exp_avg_sq = nullptr;  // amsgrad
+  void* grad_accum = nullptr;      // Accumulate::Final, and accumulate_pass
+  void* ema = nullptr;             // Ema::On
   int64_t numel = 0;
+  // maximize's sign x loss scale x clipping x 1/accumulation steps, set per
+  // tensor on the host in double because clipnorm differs between tensors.
+  float grad_scale = 1.f;
 };
 
 struct StepArgs {
@@ -50,28 +70,45 @@ struct StepArgs {
   StepScalars scalars;
   DecayMode decay = DecayMode::None;
   Amsgrad amsgrad = Amsgrad::Off;
+  Accumulate accumulate = Accumulate::Off;
+  Ema ema = Ema::Off;
+  Momentum momentum = Momentum::Off;
+  Nesterov nesterov = Nesterov::Off;
   DType param_dtype = DType::Float32;
   DType grad_dtype = DType::Float32;
   DType state_dtype = DType::Float32;
   int num_threads = 1;
 };
 
-// The memory-roofline proxy: read four buffers, write three in place, with
-// the access pattern of an fp32 step and the least arithmetic possible.
-struct StreamArgs {
+// Sum of squares of each tensor's grad (plus its grad_accum where that is
+// set: the sum an accumulating step will apply), in double, over
+// fixed blocks of kNormBlock elements combined in a fixed order, so the bits
+// never depend on the thread count or ISA level. Non-finite grads give a
+// non-finite sum, which is how a step detects them without another pass.
+constexpr int64_t kNormBlock = 4096;
+struct NormArgs {
   const TensorSpan* tensors = nullptr;
   int64_t num_tensors = 0;
-  const int64_t* offsets = nullptr;
+  // Prefix sums of each tensor's block count, num_tensors + 1 entries.
+  const int64_t* block_offsets = nullptr;
+  double* block_sums = nullptr;  // one per block, written by the pass
+  DType grad_dtype = DType::Float32;
   int num_threads = 1;
 };
 
 // What each compiled ISA level exports: plain function pointers whose
-// signatures never carry vector types.
+// signatures never carry vector types. Each returns false if the level has
+// no instantiation for the dtypes asked.
 struct KernelTable {
   const char* level;
-  // Returns false if this level has no instantiation for the dtypes asked.
   bool (*adam_step)(const StepArgs& args);
-  void (*stream_pass)(const StreamArgs& args);
+  bool (*sgd_step)(const StepArgs& args);
+  // grad_accum += grad (a gradient-accumulation call that does not update).
+  bool (*accumulate)(const StepArgs& args);
+  bool (*sum_squares)(const NormArgs& args);
+  // The memory-roofline proxy: read four buffers, write three in place, with
+  // the access pattern of an fp32 Adam step and the least arithmetic possible.
+  void (*stream_pass)(const StepArgs& args);
 };
 
 }  // namespace cpuadam

@@ -2,6 +2,17 @@
 """cpuadam: fast, exact Adam/AdamW optimizer steps for CPUs."""
 
 from cpuadam._core import __version__, build_info, get_num_threads, set_num_threads
-from cpuadam.optim import Adam, AdamW
+from cpuadam import schedules
+from cpuadam.optim import SGD, Adam, AdamW, DynamicLossScale
 
-__all__ = ["Adam", "AdamW", "__version__", "build_info", "get_num_threads", "set_num_threads"]
+__all__ = [
+    "SGD",
+    "Adam",
+    "AdamW",
+    "DynamicLossScale",
+    "__version__",
+    "build_info",
+    "get_num_threads",
+    "schedules",
+    "set_num_threads",
+]

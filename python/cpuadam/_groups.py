@@ -65,14 +65,23 @@ def normalise_groups(params: Any) -> list[dict]:
     return [{"params": items}]
 
 
-def group_params(group: dict) -> list:
+def split_names(group: dict) -> None:
+    """Normalises group['params'] to a list of arrays, moving names given as
+    (name, array) pairs (torch's named_parameters() style) to group['param_names']."""
     ps = group["params"]
     if isinstance(ps, np.ndarray):
-        return [ps]
-    if isinstance(ps, (set, frozenset)):
+        ps = [ps]
+    elif isinstance(ps, (set, frozenset)):
         raise TypeError("optimizer parameters need to be organized in ordered collections, "
                         "but the ordering of sets is not deterministic; use a list instead")
-    return list(ps)
+    ps = list(ps)
+    named = [isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in ps]
+    if any(named):
+        if not all(named):
+            raise ValueError("params must be all (name, array) pairs or all arrays, not a mix")
+        group["param_names"] = [name for name, _ in ps]
+        ps = [p for _, p in ps]
+    group["params"] = ps
 
 
 def check_disjoint(arrays: Iterable[tuple[str, np.ndarray]]) -> None:
