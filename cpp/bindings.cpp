@@ -330,11 +330,12 @@ Batch make_batch(const py::dict& d, Optim optim) {
 }
 
 std::vector<Batch> parse_batches(py::handle batches_obj, Optim optim) {
+  const std::string fn = optim == Optim::Adam ? "adam_step: " : "sgd_step: ";
   if (!py::isinstance<py::list>(batches_obj) && !py::isinstance<py::tuple>(batches_obj))
-    throw py::type_error("expected a list of batch dicts");
+    throw py::type_error(fn + "expected a list of batch dicts");
   std::vector<Batch> batches;
   for (py::handle item : py::reinterpret_borrow<py::sequence>(batches_obj)) {
-    if (!py::isinstance<py::dict>(item)) throw py::type_error("each batch must be a dict");
+    if (!py::isinstance<py::dict>(item)) throw py::type_error(fn + "each batch must be a dict");
     batches.push_back(make_batch(py::reinterpret_borrow<py::dict>(item), optim));
   }
   if (batches.size() > 1) {
@@ -442,11 +443,11 @@ py::dict run_step(py::handle batches_obj, Optim optim, py::object global_clipnor
 // grad_accums[i] += grads[i] over batches {'grads', 'grad_accums', 'group', 'indices'}.
 void accumulate(py::handle batches_obj) {
   if (!py::isinstance<py::list>(batches_obj) && !py::isinstance<py::tuple>(batches_obj))
-    throw py::type_error("expected a list of batch dicts");
+    throw py::type_error("accumulate: expected a list of batch dicts");
   std::vector<Buffers> all;
   std::vector<Extent> written, read;
   for (py::handle item : py::reinterpret_borrow<py::sequence>(batches_obj)) {
-    if (!py::isinstance<py::dict>(item)) throw py::type_error("each batch must be a dict");
+    if (!py::isinstance<py::dict>(item)) throw py::type_error("accumulate: each batch must be a dict");
     py::dict src = py::reinterpret_borrow<py::dict>(item);
     if (!src.contains("grads") || !src.contains("grad_accums"))
       throw py::value_error("batch must have 'grads' and 'grad_accums'");
