@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ from cpuadam import _core
 SHAPES = [(5,), (3, 4)]
 BUFFERS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
 WRITTEN = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
+# Buffers a batch carries only with gradient accumulation or an EMA.
+EXTRA_BUFFERS = ("grad_accums", "emas")
 # How the binding names each buffer of params[1] in group 1.
 NAME = {
     "params": r"params\[1\] in group 1",
@@ -23,6 +26,8 @@ NAME = {
     "exp_avgs": r"exp_avg of params\[1\] in group 1",
     "exp_avg_sqs": r"exp_avg_sq of params\[1\] in group 1",
     "max_exp_avg_sqs": r"max_exp_avg_sq of params\[1\] in group 1",
+    "grad_accums": r"grad_accum of params\[1\] in group 1",
+    "emas": r"ema of params\[1\] in group 1",
 }
 
 
@@ -93,9 +98,20 @@ def core_batches(amsgrad: bool = True) -> list[dict]:
     return batches
 
 
+def add_extras(batches) -> None:
+    """Gives every batch grad accumulators and EMA buffers (filled, so writes show)."""
+    rng = np.random.default_rng(7)
+    for b in batches:
+        b["grad_accums"] = [f32(rng.standard_normal(s)) for s in SHAPES]
+        b["emas"] = [f32(rng.standard_normal(s)) for s in SHAPES]
+        b["ema_momentum"] = 0.99
+
+
 def replace_buffer(field: str, make):
     """A mutation that swaps the buffer ``field`` of params[1] in group 1 for ``make(it)``."""
     def mutate(batches):
+        if field in EXTRA_BUFFERS:
+            add_extras(batches)
         batches[1][field][1] = make(batches[1][field][1])
     return mutate
 
@@ -108,7 +124,7 @@ def set_scalar(key: str, value, batch: int = 1):
 
 def core_cases():
     cases = []
-    for field in BUFFERS:
+    for field in BUFFERS + EXTRA_BUFFERS:
         for dtype in ("float64", "int32", "float16"):
             cases.append(pytest.param(
                 replace_buffer(field, lambda a, d=dtype: a.astype(d)), TypeError,
@@ -139,7 +155,7 @@ def core_cases():
                 replace_buffer(field, lambda a: np.zeros(12, np.float32)), ValueError,
                 rf"^{NAME[field]}: shape \(12,\) does not match params\[1\] in group 1's "
                 r"shape \(3, 4\)$", id=f"{field}-flattened-shape"))
-    for field in WRITTEN:
+    for field in WRITTEN + EXTRA_BUFFERS:
         cases.append(pytest.param(
             replace_buffer(field, read_only_like), ValueError,
             rf"^{NAME[field]}: expected a writeable array, got a read-only one$",
@@ -202,6 +218,39 @@ def core_cases():
             set_scalar("grad_scale", value), ValueError,
             rf"^invalid grad_scale in group 1: {re_float(value)} \(expected a finite value\)$",
             id=f"grad_scale-{value}"))
+    for key in ("clipnorm", "clipvalue"):
+        for value in (0.0, -1.0, math.nan, math.inf):
+            cases.append(pytest.param(
+                set_scalar(key, value), ValueError,
+                rf"^invalid {key} in group 1: {re_float(value)} "
+                r"\(expected a finite value in \(0.0, inf\)\)$", id=f"{key}-{value}"))
+
+    def ema_momentum(value):
+        def mutate(batches):
+            add_extras(batches)
+            batches[1]["ema_momentum"] = value
+        return mutate
+    for value in (1.5, -0.1, math.nan):
+        cases.append(pytest.param(
+            ema_momentum(value), ValueError,
+            rf"^invalid ema_momentum in group 1: {re_float(value)} "
+            r"\(expected a finite value in \[0.0, 1.0\]\)$", id=f"ema_momentum-{value}"))
+
+    def ema_is_param(batches):
+        add_extras(batches)
+        batches[1]["emas"][0] = batches[1]["params"][0]
+    cases.append(pytest.param(ema_is_param, ValueError,
+                              "^" + shares(r"ema of params\[0\] in group 1", r"params\[0\] in group 1"),
+                              id="ema-is-its-param"))
+
+    def grad_is_grad_accum(batches):
+        add_extras(batches)
+        batches[0]["grads"][1] = batches[1]["grad_accums"][1]
+    cases.append(pytest.param(grad_is_grad_accum, ValueError,
+                              r"^grad of params\[1\] in group 0 shares memory with grad_accum of "
+                              r"params\[1\] in group 1, which the step writes$",
+                              id="grad-aliases-grad_accum-of-another-batch"))
+
     for step in (0, -1):
         for batch in (0, 1):
             cases.append(pytest.param(
@@ -297,7 +346,6 @@ def core_cases():
 
 def re_float(value: float) -> str:
     """How the binding prints a float (Python's repr), escaped for a regex."""
-    import re
     return re.escape(repr(float(value)))
 
 
@@ -308,6 +356,16 @@ def test_core_rejects_bad_batch_and_writes_nothing(mutate, exc, message):
     before = snapshot_bytes(batches)
     with pytest.raises(exc, match=message):
         _core.adam_step(batches)
+    assert snapshot_bytes(batches) == before
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, math.nan, math.inf])
+def test_core_rejects_a_bad_global_clipnorm_and_writes_nothing(value):
+    batches = core_batches()
+    before = snapshot_bytes(batches)
+    with pytest.raises(ValueError, match=rf"^invalid global_clipnorm: {re_float(value)} "
+                                         r"\(expected a finite value in \(0.0, inf\)\)$"):
+        _core.adam_step(batches, global_clipnorm=value)
     assert snapshot_bytes(batches) == before
 
 
@@ -416,7 +474,8 @@ GRAD_CASES = [
     grad_case(lambda g, o: np.ascontiguousarray(g[3].T).T, ValueError,
               r"^grad of params\[1\] in group 1: expected a C-contiguous array$", id="grad-transposed"),
     grad_case(lambda g, o: misaligned_like(g[3]), ValueError,
-              r"^grad of params\[1\] in group 1: data is not aligned to its element size$", id="grad-misaligned"),
+              r"^grad of params\[1\] in group 1: data is not aligned to its element size$",
+              id="grad-misaligned"),
     grad_case(lambda g, o: o.param_groups[1]["params"][1], ValueError,
               r"^grad of params\[1\] in group 1 shares memory with params\[1\] in group 1, "
               r"which the step writes$", id="grad-is-its-param"),
@@ -477,6 +536,55 @@ def test_step_rejects_the_wrong_number_of_grads(grads, exc, message):
     assert_still_steps_like_a_twin(opt, twin)
 
 
+def _wrong_shape(opt):
+    opt.state[3]["exp_avg"] = f32(np.zeros(12))
+
+
+def _read_only(opt):
+    opt.state[3]["exp_avg_sq"].flags.writeable = False
+
+
+def _float64(opt):
+    opt.state[3]["max_exp_avg_sq"] = opt.state[3]["max_exp_avg_sq"].astype(np.float64)
+
+
+def _shared_across_groups(opt):
+    opt.state[3]["exp_avg"] = opt.state[1]["exp_avg"]
+
+
+def _shared_in_group(opt):
+    opt.state[0]["exp_avg_sq"] = opt.state[1]["exp_avg_sq"].reshape(-1)[:5]
+
+
+TAMPERED_STATE = {
+    "wrong-shape": (_wrong_shape, ValueError,
+                    r"^exp_avg of params\[1\] in group 1: shape \(12,\) does not match "
+                    r"params\[1\] in group 1's shape \(3, 4\)$"),
+    "read-only": (_read_only, ValueError,
+                  r"^exp_avg_sq of params\[1\] in group 1: expected a writeable array, got a read-only one$"),
+    "float64": (_float64, TypeError,
+                r"^max_exp_avg_sq of params\[1\] in group 1: expected a float32 array, got float64$"),
+    "shared-across-groups": (_shared_across_groups, ValueError,
+                             "^" + shares(r"exp_avg of params\[1\] in group 1",
+                                          r"exp_avg of params\[1\] in group 0")),
+    "shared-in-a-group": (_shared_in_group, ValueError,
+                          "^" + shares(r"exp_avg_sq of params\[0\] in group 0",
+                                       r"exp_avg_sq of params\[1\] in group 0")),
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPERED_STATE))
+def test_step_rejects_state_buffers_replaced_by_bad_ones(case):
+    opt = make_opt()
+    opt.step(good_grads(opt, 0))
+    tamper, exc, message = TAMPERED_STATE[case]
+    tamper(opt)
+    before = opt_snapshot(opt)
+    with pytest.raises(exc, match=message):
+        opt.step(good_grads(opt, 1))
+    assert opt_snapshot(opt) == before
+
+
 def test_step_rejects_a_param_made_read_only_after_construction():
     opt, twin = make_opt(), make_opt()
     opt.step(good_grads(opt, 0))
@@ -507,7 +615,8 @@ BAD_GROUP_EDITS = [
     ("eps", math.nan, ValueError, r"Invalid epsilon value in group {g}: nan"),
     ("weight_decay", -0.01, ValueError, r"Invalid weight_decay value in group {g}: -0.01"),
     ("weight_decay", math.inf, ValueError, r"Invalid weight_decay value in group {g}: inf"),
-    ("eps_mode", "tf", ValueError, r"Invalid eps_mode in group {g}: 'tf' \(expected one of 'torch', 'keras'\)"),
+    ("eps_mode", "tf", ValueError,
+     r"Invalid eps_mode in group {g}: 'tf' \(expected one of 'torch', 'keras'\)"),
     ("decay_mode", "l2", ValueError,
      r"Invalid decay_mode in group {g}: 'l2' \(expected one of 'lr', 'independent'\)"),
 ]
@@ -575,7 +684,8 @@ def test_constructor_rejects_bad_hyperparameter_with_torchs_wording(cls, kwargs,
 
 
 def test_adamw_rejects_an_unknown_decay_mode():
-    with pytest.raises(ValueError, match=r"^Invalid decay_mode: 'l2' \(expected one of 'lr', 'independent'\)$"):
+    message = r"^Invalid decay_mode: 'l2' \(expected one of 'lr', 'independent'\)$"
+    with pytest.raises(ValueError, match=message):
         cpuadam.AdamW([f32(np.ones(3))], decay_mode="l2")
 
 
@@ -642,7 +752,8 @@ OVERLAP_CASES = [
     pytest.param(lambda a, b, c: [{"params": [a, b]}, {"params": [c, a]}],
                  r"^params\[1\] in group 1 shares memory with params\[0\] in group 0",
                  id="same-array-in-two-groups"),
-    pytest.param(lambda a, b, c: [a, b, a], r"^params\[2\] in group 0 shares memory with params\[0\] in group 0",
+    pytest.param(lambda a, b, c: [a, b, a],
+                 r"^params\[2\] in group 0 shares memory with params\[0\] in group 0",
                  id="same-array-twice-in-one-group"),
     pytest.param(lambda a, b, c: [a[:4], a[3:]],
                  r"^params\[1\] in group 0 shares memory with params\[0\] in group 0",
@@ -662,21 +773,25 @@ def test_constructor_rejects_params_that_share_memory(params, message):
 
 def test_add_param_group_rejects_a_param_already_optimized():
     opt = make_opt()
-    with pytest.raises(ValueError, match=r"^params\[0\] in group 2 shares memory with params\[1\] in group 1"):
+    message = r"^params\[0\] in group 2 shares memory with params\[1\] in group 1"
+    with pytest.raises(ValueError, match=message):
         opt.add_param_group({"params": [opt.param_groups[1]["params"][1]]})
     assert len(opt.param_groups) == 2
 
 
 @pytest.mark.parametrize(("params", "exc", "message"), [
     pytest.param([], ValueError, r"^optimizer got an empty parameter list$", id="empty"),
-    pytest.param(f32(np.ones(3)), TypeError, r"iterable of arrays or dicts, but got ndarray$", id="bare-array"),
+    pytest.param(f32(np.ones(3)), TypeError, r"iterable of arrays or dicts, but got ndarray$",
+                 id="bare-array"),
     pytest.param({"params": []}, TypeError, r"iterable of arrays or dicts, but got dict$", id="bare-dict"),
     pytest.param(3, TypeError, r"iterable of arrays or dicts, but got int$", id="int"),
     pytest.param([f32(np.ones(3)), {"params": []}], TypeError, r"^params must be all arrays or all dicts",
                  id="mixed"),
-    pytest.param([{"params": {f32(np.ones(1)).tobytes()}}], TypeError, r"ordering of sets is not deterministic",
+    pytest.param([{"params": {f32(np.ones(1)).tobytes()}}], TypeError,
+                 r"ordering of sets is not deterministic",
                  id="set-of-params"),
-    pytest.param([{"lr": 0.1}], ValueError, r"^param_group must have a 'params' entry$", id="group-without-params"),
+    pytest.param([{"lr": 0.1}], ValueError, r"^param_group must have a 'params' entry$",
+                 id="group-without-params"),
 ])
 def test_constructor_rejects_malformed_params(params, exc, message):
     with pytest.raises(exc, match=message):

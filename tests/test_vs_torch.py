@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -103,11 +104,13 @@ def build(factory, params, groups):
     return factory(specs)
 
 
+@functools.lru_cache(maxsize=None)
 def train(case: str, impl: str, seed: int = 0):
     """Runs cpuadam, torch.optim and the float64 reference side by side.
 
     Returns (cpuadam optimizer, its params, torch optimizer, its params,
-    reference params), params in flat param-group order.
+    reference params), params in flat param-group order. Cached: the tests
+    below only read the results, and each case then trains once.
     """
     cls_name, kwargs, groups, lr_edit = CASES[case]
     init, grads = make_problem(seed)
@@ -189,7 +192,7 @@ def test_hyperparameters_in_param_groups_match_torch(case):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_error_against_float64_is_no_larger_than_torchs(case):
-    _, ours, _, theirs, ref = train(case, "for-loop", seed=1)
+    _, ours, _, theirs, ref = train(case, "for-loop")
     our_err = max(float(np.max(np.abs(a - r), initial=0.0)) for a, r in zip(ours, ref))
     torch_err = max(float(np.max(np.abs(b - r), initial=0.0)) for b, r in zip(theirs, ref))
     assert torch_err > 0.0  # float32 after 100 steps cannot be exact; 0 would mean a broken setup
