@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -43,55 +44,63 @@ bool same_shape(const py::array& a, const py::array& b) {
 }
 
 // Names a buffer in messages: "params[3] in group 1", "exp_avg of params[3] in group 1".
+// Names are built only when a message needs one: a step may check 50,000 buffers.
 struct Namer {
-  int group;
-  const std::vector<int64_t>& indices;
+  int group = 0;
+  std::vector<int64_t> indices;  // each tensor's position in its group
+  const char* list_name = nullptr;  // set for a plain list: "grads[3]"
   std::string param(size_t i) const {
     int64_t idx = i < indices.size() ? indices[i] : static_cast<int64_t>(i);
+    if (list_name != nullptr) return std::string(list_name) + "[" + std::to_string(idx) + "]";
     return "params[" + std::to_string(idx) + "] in group " + std::to_string(group);
   }
-  std::string of(const char* what, size_t i) const { return std::string(what) + " of " + param(i); }
+  std::string of(const char* what, size_t i) const {
+    return what == nullptr ? param(i) : std::string(what) + " of " + param(i);
+  }
 };
 
-DType dtype_of(const py::array& a, bool* known) {
-  *known = true;
-  const py::dtype dt = a.dtype();
-  if (dt.is(py::dtype::of<float>()) || dt.equal(py::dtype::of<float>())) return DType::Float32;
-  *known = false;
-  return DType::Float32;
+bool is_float32(const py::array& a) {
+  // Compares the dtype's type number and byte order, without building a dtype object.
+  const auto* descr = reinterpret_cast<const py::detail::PyArrayDescr_Proxy*>(
+      py::detail::array_proxy(a.ptr())->descr);
+  return descr->type_num == py::detail::npy_api::NPY_FLOAT_ && descr->byteorder != '>';
 }
 
-// Checks one buffer; `like` (if given) supplies the shape it must have.
-py::array check_buffer(py::handle obj, const std::string& name, bool written,
-                       const py::array* like, const std::string& like_name) {
+// Checks one buffer, named `what` of tensor i (nullptr: the param itself);
+// `like` (if given) is the param whose shape it must have.
+py::array check_buffer(py::handle obj, const Namer& namer, const char* what, size_t i, bool written,
+                       const py::array* like) {
   if (!py::isinstance<py::array>(obj))
-    throw py::type_error(name + ": expected a numpy.ndarray, got " +
+    throw py::type_error(namer.of(what, i) + ": expected a numpy.ndarray, got " +
                          std::string(py::str(py::type::of(obj).attr("__name__"))));
   py::array a = py::reinterpret_borrow<py::array>(obj);
-  bool known = false;
-  dtype_of(a, &known);
-  if (!known)
-    throw py::type_error(name + ": expected a float32 array, got " + std::string(py::str(a.dtype())));
+  if (!is_float32(a))
+    throw py::type_error(namer.of(what, i) + ": expected a float32 array, got " +
+                         std::string(py::str(a.dtype())));
   if (!(a.flags() & py::array::c_style))
-    throw py::value_error(name + ": expected a C-contiguous array");
+    throw py::value_error(namer.of(what, i) + ": expected a C-contiguous array");
   if (reinterpret_cast<uintptr_t>(a.data()) % a.itemsize() != 0)
-    throw py::value_error(name + ": data is not aligned to its element size");
+    throw py::value_error(namer.of(what, i) + ": data is not aligned to its element size");
   if (written && !a.writeable())
-    throw py::value_error(name + ": expected a writeable array, got a read-only one");
+    throw py::value_error(namer.of(what, i) + ": expected a writeable array, got a read-only one");
   if (like != nullptr && !same_shape(a, *like))
-    throw py::value_error(name + ": shape " + shape_str(a) + " does not match " + like_name +
-                          "'s shape " + shape_str(*like));
+    throw py::value_error(namer.of(what, i) + ": shape " + shape_str(a) + " does not match " +
+                          namer.param(i) + "'s shape " + shape_str(*like));
   return a;
 }
 
+// A buffer's bytes, and who it is (for a message only).
 struct Extent {
   uintptr_t lo, hi;
-  std::string name;
+  const Namer* namer;
+  const char* what;
+  size_t tensor;
+  std::string name() const { return namer->of(what, tensor); }
 };
 
-Extent extent_of(const py::array& a, std::string name) {
+Extent extent_of(const py::array& a, const Namer* namer, const char* what, size_t tensor) {
   auto lo = reinterpret_cast<uintptr_t>(a.data());
-  return {lo, lo + static_cast<uintptr_t>(a.nbytes()), std::move(name)};
+  return {lo, lo + static_cast<uintptr_t>(a.nbytes()), namer, what, tensor};
 }
 
 // No two written buffers may share a byte, and no grad may share a byte with
@@ -100,17 +109,17 @@ void check_no_overlap(std::vector<Extent> written, const std::vector<Extent>& re
   std::sort(written.begin(), written.end(), [](const Extent& x, const Extent& y) { return x.lo < y.lo; });
   for (size_t i = 1; i < written.size(); ++i)
     if (written[i].lo < written[i - 1].hi)
-      throw py::value_error(written[i].name + " shares memory with " + written[i - 1].name +
+      throw py::value_error(written[i].name() + " shares memory with " + written[i - 1].name() +
                             "; buffers written by a step must not overlap");
   for (const Extent& r : read) {
     auto it = std::upper_bound(written.begin(), written.end(), r.lo,
                                [](uintptr_t lo, const Extent& e) { return lo < e.lo; });
     // The written extent starting at or before r.lo, and the one after it.
     if (it != written.begin() && std::prev(it)->hi > r.lo)
-      throw py::value_error(r.name + " shares memory with " + std::prev(it)->name +
+      throw py::value_error(r.name() + " shares memory with " + std::prev(it)->name() +
                             ", which the step writes");
     if (it != written.end() && it->lo < r.hi)
-      throw py::value_error(r.name + " shares memory with " + it->name + ", which the step writes");
+      throw py::value_error(r.name() + " shares memory with " + it->name() + ", which the step writes");
   }
 }
 
@@ -135,6 +144,7 @@ py::sequence as_list(py::handle obj, const std::string& name) {
 // Validated buffers of one batch; the py::array objects keep the memory alive
 // until the call returns.
 struct Buffers {
+  std::shared_ptr<const Namer> namer;  // on the heap: extents point at it while Buffers move
   std::vector<py::array> keep;
   std::vector<TensorSpan> spans;
   std::vector<int64_t> offsets;
@@ -149,7 +159,10 @@ struct StateList {
   void* TensorSpan::*field;
 };
 
-Buffers validate(const py::dict& d, const std::vector<StateList>& lists, const Namer& namer) {
+Buffers validate(const py::dict& d, const std::vector<StateList>& lists, Namer namer_value) {
+  Buffers b;
+  b.namer = std::make_shared<const Namer>(std::move(namer_value));
+  const Namer& namer = *b.namer;
   auto field = [&d](const char* key) -> py::handle {
     if (!d.contains(key)) throw py::value_error(std::string("batch is missing '") + key + "'");
     return d[key];
@@ -172,28 +185,25 @@ Buffers validate(const py::dict& d, const std::vector<StateList>& lists, const N
     throw py::value_error("indices has " + std::to_string(namer.indices.size()) +
                           " entries but params has " + std::to_string(n));
 
-  Buffers b;
   b.keep.reserve(n * (2 + lists.size()));
   b.spans.resize(n);
   b.offsets.resize(n + 1);
   b.offsets[0] = 0;
   for (size_t i = 0; i < n; ++i) {
-    const std::string pname = namer.param(i);
-    py::array p = check_buffer(params[i], pname, true, nullptr, "");
-    py::array g = check_buffer(grads[i], namer.of("grad", i), false, &p, pname);
+    py::array p = check_buffer(params[i], namer, nullptr, i, true, nullptr);
+    py::array g = check_buffer(grads[i], namer, "grad", i, false, &p);
     TensorSpan& s = b.spans[i];
     s.param = p.mutable_data();
     s.grad = g.data();
     s.numel = p.size();
     if (s.numel > 0) {
-      b.written.push_back(extent_of(p, pname));
-      b.read.push_back(extent_of(g, namer.of("grad", i)));
+      b.written.push_back(extent_of(p, &namer, nullptr, i));
+      b.read.push_back(extent_of(g, &namer, "grad", i));
     }
     for (size_t k = 0; k < lists.size(); ++k) {
-      const std::string name = namer.of(lists[k].what, i);
-      py::array a = check_buffer(states[k][i], name, true, &p, pname);
+      py::array a = check_buffer(states[k][i], namer, lists[k].what, i, true, &p);
       s.*(lists[k].field) = a.mutable_data();
-      if (s.numel > 0) b.written.push_back(extent_of(a, name));
+      if (s.numel > 0) b.written.push_back(extent_of(a, &namer, lists[k].what, i));
       b.keep.push_back(std::move(a));
     }
     b.offsets[i + 1] = b.offsets[i] + s.numel;
@@ -324,8 +334,7 @@ Batch make_batch(const py::dict& d, Optim optim) {
     sc.one_minus_ema_momentum = static_cast<float>(1.0 - m);
     lists.push_back({"emas", "ema", &TensorSpan::ema});
   }
-  std::vector<int64_t> indices = get_or<std::vector<int64_t>>(d, "indices", {});
-  b.buffers = validate(d, lists, Namer{group, indices});
+  b.buffers = validate(d, lists, Namer{group, get_or<std::vector<int64_t>>(d, "indices", {})});
   return b;
 }
 
@@ -455,8 +464,8 @@ void accumulate(py::handle batches_obj) {
     py::dict d;
     d["params"] = src["grad_accums"];
     d["grads"] = src["grads"];
-    std::vector<int64_t> indices = get_or<std::vector<int64_t>>(src, "indices", {});
-    all.push_back(validate(d, {}, Namer{get_or<int>(src, "group", 0), indices}));
+    all.push_back(validate(
+        d, {}, Namer{get_or<int>(src, "group", 0), get_or<std::vector<int64_t>>(src, "indices", {})}));
     written.insert(written.end(), all.back().written.begin(), all.back().written.end());
     read.insert(read.end(), all.back().read.begin(), all.back().read.end());
   }
@@ -480,8 +489,10 @@ std::vector<double> sum_squares_py(py::handle grads) {
   py::sequence seq = as_list(grads, "grads");
   std::vector<py::array> keep;
   std::vector<TensorSpan> spans(seq.size());
+  Namer namer;
+  namer.list_name = "grads";
   for (size_t i = 0; i < seq.size(); ++i) {
-    keep.push_back(check_buffer(seq[i], "grads[" + std::to_string(i) + "]", false, nullptr, ""));
+    keep.push_back(check_buffer(seq[i], namer, nullptr, i, false, nullptr));
     spans[i].grad = keep.back().data();
     spans[i].numel = keep.back().size();
   }
@@ -495,10 +506,9 @@ void stream_pass(py::handle params, py::handle grads, py::handle exp_avgs, py::h
   d["grads"] = grads;
   d["exp_avgs"] = exp_avgs;
   d["exp_avg_sqs"] = exp_avg_sqs;
-  std::vector<int64_t> no_indices;
   Buffers b = validate(d, {{"exp_avgs", "exp_avg", &TensorSpan::exp_avg},
                            {"exp_avg_sqs", "exp_avg_sq", &TensorSpan::exp_avg_sq}},
-                       Namer{0, no_indices});
+                       Namer{});
   StepArgs a;
   a.tensors = b.spans.data();
   a.num_tensors = static_cast<int64_t>(b.spans.size());
