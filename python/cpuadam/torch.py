@@ -1,0 +1,522 @@
+# SPDX-License-Identifier: MIT
+"""torch.optim drop-ins (Adam, AdamW) whose step is one fused cpuadam call over zero-copy views."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from cpuadam import _core
+
+__all__ = ["Adam", "AdamW", "StepInBackward", "step_in_backward"]
+
+_EPS_MODES = ("torch", "keras")
+_DECAY_MODES = ("lr", "independent")
+# Our options live in a param group only when set away from their default, so that
+# by default a group has exactly torch's keys and checkpoints interchange unchanged.
+_EXTRA_DEFAULTS = {"eps_mode": "torch", "decay_mode": "lr"}
+_STATE_BUFFERS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _param_name(group: int, index: int) -> str:
+    return f"params[{index}] in group {group}"
+
+
+def _scalar_dtype() -> torch.dtype:
+    # torch.optim keeps 'step' in float64 only when that is the default dtype.
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _check_param(p: torch.Tensor, name: str) -> None:
+    """Raises unless the kernel can update p in place through a NumPy view."""
+    if p.device.type != "cpu":
+        raise ValueError(f"{name} is on device '{p.device}'; cpuadam.torch updates CPU tensors "
+                         "only (keep the model on the CPU, or use torch.optim for other devices)")
+    if p.layout != torch.strided:
+        raise TypeError(f"{name} has layout {p.layout}; cpuadam.torch updates dense tensors only")
+    if p.dtype != torch.float32:
+        raise TypeError(f"{name} is {p.dtype}; cpuadam.torch supports float32 params only "
+                        "(bfloat16 and float16 params are not supported yet)")
+    if not p.is_contiguous():
+        raise ValueError(f"{name} is not contiguous (shape {tuple(p.shape)}, strides "
+                         f"{tuple(p.stride())}); cpuadam.torch updates contiguous params only: "
+                         "make the weight contiguous (for example, no channels_last)")
+
+
+def _checked_grad(p: torch.Tensor, name: str) -> torch.Tensor:
+    """p.grad checked against p; a dense non-contiguous grad is copied (it is only read)."""
+    grad = p.grad
+    if grad.layout != torch.strided:
+        raise TypeError(f"grad of {name} is a sparse tensor ({grad.layout}); cpuadam.torch "
+                        "needs dense grads (use torch.optim.SparseAdam for sparse ones)")
+    if grad.device.type != "cpu":
+        raise ValueError(f"grad of {name} is on device '{grad.device}'; expected a CPU tensor")
+    if grad.dtype != p.dtype:
+        raise TypeError(f"grad of {name} is {grad.dtype}; expected {p.dtype}, its param's dtype")
+    if grad.shape != p.shape:
+        raise ValueError(f"grad of {name} has shape {tuple(grad.shape)}; expected "
+                         f"{tuple(p.shape)}, its param's shape")
+    if not grad.is_contiguous():
+        grad = grad.contiguous()
+    return grad
+
+
+def _view(t: torch.Tensor, what: str):
+    """A NumPy array over t's memory (no copy); what names t in errors."""
+    if t.device.type != "cpu" or t.layout != torch.strided:
+        raise ValueError(f"{what} is a {t.layout} tensor on device '{t.device}'; expected a "
+                         "dense CPU tensor")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{what} is {t.dtype}; expected torch.float32")
+    return t.detach().numpy()
+
+
+def _check_disjoint(groups: list[dict]) -> None:
+    """No two params may share memory: a step writes every one of them."""
+    extents = []
+    for gi, group in enumerate(groups):
+        for pi, p in enumerate(group["params"]):
+            if p.numel() == 0 or p.device.type != "cpu":
+                continue
+            lo = p.data_ptr()
+            extents.append((lo, lo + p.numel() * p.element_size(), _param_name(gi, pi)))
+    extents.sort(key=lambda e: e[0])
+    for (_, hi0, n0), (lo1, _, n1) in zip(extents, extents[1:]):
+        if lo1 < hi0:
+            raise ValueError(f"{n1} shares memory with {n0} (the same tensor twice, or views "
+                             "into one another); each optimized param must be its own buffer")
+
+
+def _check_real(value: Any, name: str, high: float = math.inf) -> None:
+    """torch.optim's hyperparameter checks: 0 <= value (< high), with its messages."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Invalid {name}: expected a real number, got {type(value).__name__}")
+    if not (0.0 <= value < high) or math.isinf(value):
+        raise ValueError(f"Invalid {name}: {value}")
+
+
+def _check_group(group: dict, where: str) -> None:
+    """Checks a group's hyperparameters; where names the group in messages ('' or ' in group 1')."""
+    _check_real(group["lr"], "learning rate" + where)
+    _check_real(group["eps"], "epsilon value" + where)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas{where}: expected a pair (beta1, beta2), got {betas!r}")
+    _check_real(betas[0], "beta parameter at index 0" + where, 1.0)
+    _check_real(betas[1], "beta parameter at index 1" + where, 1.0)
+    _check_real(group["weight_decay"], "weight_decay value" + where)
+    for key in ("capturable", "differentiable"):
+        if group.get(key):
+            raise ValueError(f"{key}=True is not supported by cpuadam.torch{where}: its step runs "
+                             "on the CPU in C++, outside CUDA graphs and autograd")
+    if group.get("fused") and group.get("foreach"):
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    for key, choices in (("eps_mode", _EPS_MODES), ("decay_mode", _DECAY_MODES)):
+        value = group.get(key, _EXTRA_DEFAULTS[key])
+        if value not in choices:
+            listed = ", ".join(repr(c) for c in choices)
+            raise ValueError(f"Invalid {key}{where}: {value!r} (expected one of {listed})")
+
+
+class _AdamBase(Optimizer):
+    """Shared machinery: checks, lazy state, one core call per step."""
+
+    def __init__(self, params: Any, defaults: dict, eps_mode: str, decay_mode: str):
+        for key, value in (("eps_mode", eps_mode), ("decay_mode", decay_mode)):
+            if value != _EXTRA_DEFAULTS[key]:
+                defaults[key] = value
+        _check_group({**_EXTRA_DEFAULTS, **defaults}, "")
+        self._views: dict[torch.Tensor, _Views] = {}
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._views = {}
+        # Checkpoints written by older torch releases lack some keys or keep 'step' as a number.
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", None)
+            group.setdefault("decoupled_weight_decay", False)
+            for p in group["params"]:
+                p_state = self.state.get(p)
+                if p_state and not torch.is_tensor(p_state["step"]):
+                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=_scalar_dtype())
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's add_param_group, then cpuadam's checks; a rejected group is not added."""
+        super().add_param_group(param_group)
+        index = len(self.param_groups) - 1
+        group = self.param_groups[index]
+        try:
+            _check_group(group, f" in group {index}")
+            for pi, p in enumerate(group["params"]):
+                _check_param(p, _param_name(index, pi))
+            _check_disjoint(self.param_groups)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load_state_dict; loaded buffers are made contiguous for the kernel."""
+        super().load_state_dict(state_dict)
+        for p_state in self.state.values():
+            for key in _STATE_BUFFERS:
+                buf = p_state.get(key)
+                if isinstance(buf, torch.Tensor) and not buf.is_contiguous():
+                    p_state[key] = buf.contiguous()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Updates every param whose grad is not None, in one fused call.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss.
+
+        Returns:
+            The closure's loss, or None.
+
+        Raises:
+            TypeError, ValueError: a param, grad or state buffer the kernel cannot
+                update in place (wrong device, dtype, shape, layout; overlapping
+                memory) or a bad hyperparameter; the message names the param.
+                Nothing is changed by a rejected step.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._update([(gi, pi, p) for gi, group in enumerate(self.param_groups)
+                      for pi, p in enumerate(group["params"]) if p.grad is not None],
+                     every_param=True)
+        return loss
+
+    def _views_of(self, p: torch.Tensor, state: dict, name: str) -> _Views:
+        """NumPy views of p and its state, from the cache while they still describe them."""
+        views = self._views.get(p)
+        if (views is None or views.state is not state or views.ptr != p.data_ptr()
+                or views.shape != p.shape or not views.matches(state)):
+            views = _Views(p, state, name)
+        return views
+
+    def _update(self, targets: list[tuple[int, int, torch.Tensor]],
+                every_param: bool = False) -> None:
+        """One core call over the (group index, index in group, param) targets.
+
+        Checks everything first; state, step counts and caches change only
+        after the kernel has succeeded.
+        """
+        batches: dict[tuple[int, int], dict] = {}
+        fresh_states = []
+        used = []
+        for gi, pi, p in targets:
+            group = self.param_groups[gi]
+            if not (p.is_cpu and p.dtype is torch.float32 and p.layout is torch.strided
+                    and p.is_contiguous()):
+                _check_param(p, _param_name(gi, pi))
+            grad = p.grad
+            if not (grad.is_cpu and grad.dtype is p.dtype and grad.layout is torch.strided
+                    and grad.shape == p.shape and grad.is_contiguous()):
+                grad = _checked_grad(p, _param_name(gi, pi))
+            amsgrad = bool(group["amsgrad"])
+            state = self.state.get(p)
+            if not state:
+                state = {
+                    "step": torch.tensor(0.0, dtype=_scalar_dtype()),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                }
+                if amsgrad:
+                    state["max_exp_avg_sq"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format)
+                fresh_states.append((p, state))
+            elif amsgrad and "max_exp_avg_sq" not in state:
+                # amsgrad switched on after some steps: its running max starts from zero.
+                state = dict(state, max_exp_avg_sq=torch.zeros_like(
+                    p, memory_format=torch.preserve_format))
+                fresh_states.append((p, state))
+            views = self._views_of(p, state, _param_name(gi, pi))
+            step = int(views.step.item()) + 1
+            batch = batches.get((gi, step))
+            if batch is None:
+                if group.get("differentiable"):
+                    raise ValueError("differentiable=True is not supported by cpuadam.torch "
+                                     f"in group {gi}")
+                beta1, beta2 = group["betas"]
+                batch = batches[(gi, step)] = {
+                    "params": [], "grads": [], "exp_avgs": [], "exp_avg_sqs": [],
+                    "max_exp_avg_sqs": [], "indices": [], "group": gi, "step": step,
+                    "lr": float(group["lr"]), "beta1": float(beta1), "beta2": float(beta2),
+                    "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"]),
+                    "amsgrad": amsgrad, "maximize": bool(group["maximize"]),
+                    "decoupled": bool(group["decoupled_weight_decay"]),
+                    "decay_mode": group.get("decay_mode", "lr"),
+                    "eps_mode": group.get("eps_mode", "torch"),
+                }
+            batch["params"].append(views.param)
+            batch["grads"].append(grad.numpy() if not grad.requires_grad
+                                  else grad.detach().numpy())
+            batch["exp_avgs"].append(views.exp_avg)
+            batch["exp_avg_sqs"].append(views.exp_avg_sq)
+            if amsgrad:
+                batch["max_exp_avg_sqs"].append(views.max_exp_avg_sq)
+            batch["indices"].append(pi)
+            used.append((p, views, step))
+        if not used:
+            return
+        _core.adam_step(list(batches.values()))
+        for p, state in fresh_states:
+            self.state[p] = state
+        cache = {} if every_param else self._views
+        for p, views, step in used:
+            views.step.fill(step)
+            cache[p] = views
+        self._views = cache
+        # The kernel writes memory autograd does not see; tell it, as an in-place op would.
+        torch.autograd.graph.increment_version([p for p, _, _ in used])
+
+
+class _Views:
+    """NumPy arrays over one param and its state tensors (no copies), checked once."""
+
+    __slots__ = ("state", "tensors", "ptr", "shape", "param", "step", "exp_avg", "exp_avg_sq",
+                 "max_exp_avg_sq")
+
+    def __init__(self, p: torch.Tensor, state: dict, name: str):
+        self.state = state
+        self.tensors = tuple(state.get(k) for k in ("step",) + _STATE_BUFFERS)
+        self.ptr = p.data_ptr()
+        self.shape = p.shape
+        self.param = p.detach().numpy()
+        step = state["step"]
+        if not (isinstance(step, torch.Tensor) and step.is_cpu and step.numel() == 1
+                and step.dtype in (torch.float32, torch.float64)):
+            raise TypeError(f"step of {name}: expected a float32 CPU tensor holding the count")
+        self.step = step.detach().numpy()
+        self.exp_avg = _view(state["exp_avg"], f"exp_avg of {name}")
+        self.exp_avg_sq = _view(state["exp_avg_sq"], f"exp_avg_sq of {name}")
+        amsgrad_buf = state.get("max_exp_avg_sq")
+        self.max_exp_avg_sq = (None if amsgrad_buf is None
+                               else _view(amsgrad_buf, f"max_exp_avg_sq of {name}"))
+
+    def matches(self, state: dict) -> bool:
+        # Identity, not equality: a state tensor replaced by another must be viewed afresh.
+        step, exp_avg, exp_avg_sq, max_exp_avg_sq = self.tensors
+        return (state["step"] is step and state["exp_avg"] is exp_avg
+                and state["exp_avg_sq"] is exp_avg_sq
+                and state.get("max_exp_avg_sq") is max_exp_avg_sq)
+
+
+_MATH = r"""
+    Per element, with ``t`` the param's step count (from 1)::
+
+        g  = -grad if maximize else grad
+        {decay}
+        m  = beta1 * m + (1 - beta1) * g
+        v  = beta2 * v + (1 - beta2) * g**2          (v = max(vmax, v) with amsgrad)
+        p  = p - lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
+
+    as in torch.optim. Bias corrections and step size are computed once per step
+    in double; the element arithmetic is float32 in one fused pass over every
+    param of every group, reached zero-copy through NumPy views of the tensors.
+    Results agree with torch.optim to float32 rounding, not bitwise.
+
+    Differences from torch.optim: params must be dense, contiguous float32 CPU
+    tensors (checked when added and at each step); ``capturable=True`` and
+    ``differentiable=True`` raise ValueError; ``foreach`` and ``fused`` are
+    accepted and kept in the param groups (so checkpoints say what the user
+    asked for) but change nothing, since the step is always one fused call.
+    ``eps_mode="keras"`` moves eps as Keras does:
+    ``p - lr * sqrt(1 - beta2**t) / (1 - beta1**t) * m / (sqrt(v) + eps)``.
+    A non-default ``eps_mode``/``decay_mode`` is stored in the param groups;
+    torch.optim ignores these keys if such a checkpoint is loaded there.
+"""
+
+
+class Adam(_AdamBase):
+    __doc__ = """Adam (L2 weight decay) as torch.optim.Adam, stepped by cpuadam's fused kernel.
+""" + _MATH.format(decay="g  = g + weight_decay * p        (decoupled_weight_decay=True: as AdamW)") + """
+    Args:
+        params, lr, betas, eps, weight_decay, amsgrad, foreach, maximize,
+        capturable, differentiable, fused, decoupled_weight_decay: as
+            torch.optim.Adam.
+        eps_mode: "torch" (default) or "keras".
+        decay_mode: with decoupled_weight_decay, "lr" (default, torch) or
+            "independent" (p -= weight_decay * p).
+
+    Example:
+        >>> import torch
+        >>> from cpuadam.torch import Adam
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = Adam(model.parameters(), lr=1e-2)
+        >>> model(torch.ones(3, 4)).sum().backward()
+        >>> opt.step()
+    """
+
+    def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3,
+                 betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *,
+                 foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
+                 differentiable: bool = False, fused: bool | None = None,
+                 decoupled_weight_decay: bool = False, eps_mode: str = "torch",
+                 decay_mode: str = "lr"):
+        if isinstance(betas, (tuple, list)) and len(betas) == 2:
+            betas = tuple(b.squeeze() if isinstance(b, torch.Tensor) and b.dim() else b
+                          for b in betas)
+        defaults = {
+            "lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
+            "amsgrad": amsgrad, "maximize": maximize, "foreach": foreach,
+            "capturable": capturable, "differentiable": differentiable, "fused": fused,
+            "decoupled_weight_decay": decoupled_weight_decay,
+        }
+        super().__init__(params, defaults, eps_mode, decay_mode)
+
+
+class AdamW(Adam):
+    __doc__ = """AdamW (decoupled weight decay) as torch.optim.AdamW, stepped by cpuadam's fused kernel.
+""" + _MATH.format(decay="p  = p * (1 - lr * weight_decay)   (decay_mode='independent': 1 - weight_decay)") + """
+    Args:
+        params, lr, betas, eps, weight_decay, amsgrad, maximize, foreach,
+            capturable, differentiable, fused: as torch.optim.AdamW
+            (weight_decay defaults to 1e-2, as there).
+        eps_mode: "torch" (default) or "keras".
+        decay_mode: "lr" (default; torch and Keras scale the decay by lr) or
+            "independent" (p -= weight_decay * p, as written by Loshchilov &
+            Hutter; weight_decay is then typically ~1e-4).
+
+    Example:
+        >>> import torch
+        >>> from cpuadam.torch import AdamW
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = AdamW(model.parameters(), lr=1e-2)
+        >>> model(torch.ones(3, 4)).sum().backward()
+        >>> opt.step()
+    """
+
+    def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3,
+                 betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
+                 maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
+                 differentiable: bool = False, fused: bool | None = None,
+                 eps_mode: str = "torch", decay_mode: str = "lr"):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable,
+                         differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, eps_mode=eps_mode, decay_mode=decay_mode)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # As torch.optim.AdamW: whatever the checkpoint says, this class decays decoupled.
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
+
+
+class StepInBackward:
+    """Handle returned by :func:`step_in_backward`: the optimizer and its hooks.
+
+    Attributes:
+        optimizer: the cpuadam.torch optimizer that holds the hyperparameters and
+            state; pass it to an lr scheduler, call its ``state_dict()``.
+    """
+
+    def __init__(self, optimizer: _AdamBase, hooks: list):
+        self.optimizer = optimizer
+        self._hooks = hooks
+        self._where: dict[torch.Tensor, tuple[int, int]] = {}
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def state_dict(self) -> dict:
+        """The optimizer's state_dict: torch.optim.AdamW's format."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+    def remove(self) -> None:
+        """Removes the hooks; grads then accumulate as usual and nothing steps."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def __enter__(self) -> "StepInBackward":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def _locate(self, p: torch.Tensor) -> tuple[int, int]:
+        where = self._where.get(p)
+        groups = self.optimizer.param_groups
+        if where is None or groups[where[0]]["params"][where[1]] is not p:
+            self._where = {q: (gi, pi) for gi, g in enumerate(groups)
+                           for pi, q in enumerate(g["params"])}
+            where = self._where[p]
+        return where
+
+    def _hook(self, p: torch.Tensor) -> None:
+        gi, pi = self._locate(p)
+        with torch.no_grad():
+            self.optimizer._update([(gi, pi, p)])
+        p.grad = None
+        # torch's lr schedulers warn unless they saw optimizer.step() run; this is its step.
+        self.optimizer._opt_called = True
+
+
+def step_in_backward(model_or_params: Any, optimizer_class: type = AdamW,
+                     **hparams: Any) -> StepInBackward:
+    """Steps each param during backward, as soon as its grad is ready, then frees the grad.
+
+    Uses ``Tensor.register_post_accumulate_grad_hook``: peak memory drops by about
+    the size of the grads, since at most a few exist at once. The weights equal
+    those of the ordinary ``backward(); opt.step(); opt.zero_grad()`` loop.
+
+    Args:
+        model_or_params: an ``nn.Module`` (its params that require grad), or
+            params / param groups as an optimizer takes them.
+        optimizer_class: :class:`AdamW` (default) or :class:`Adam`.
+        **hparams: the optimizer's keyword arguments (lr, weight_decay, ...).
+
+    Returns:
+        A :class:`StepInBackward`; ``handle.optimizer`` goes to lr schedulers
+        (call ``scheduler.step()`` after each backward) and checkpoints.
+
+    Each backward is one step, so grads cannot be accumulated over several
+    backward passes, and the optimizer's step hooks do not fire. Not for use
+    under DistributedDataParallel, whose grads are averaged after this hook.
+
+    Example:
+        >>> import torch
+        >>> from cpuadam.torch import step_in_backward
+        >>> model = torch.nn.Linear(4, 2)
+        >>> handle = step_in_backward(model, lr=1e-2)
+        >>> model(torch.ones(3, 4)).sum().backward()   # params updated, grads freed
+        >>> model.weight.grad is None
+        True
+    """
+    if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, _AdamBase)):
+        raise TypeError("optimizer_class must be cpuadam.torch.AdamW or cpuadam.torch.Adam, "
+                        f"got {optimizer_class!r}")
+    if isinstance(model_or_params, torch.nn.Module):
+        params: Any = [p for p in model_or_params.parameters() if p.requires_grad]
+    else:
+        params = model_or_params
+    optimizer = optimizer_class(params, **hparams)
+    handle = StepInBackward(optimizer, [])
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.requires_grad:
+                handle._hooks.append(p.register_post_accumulate_grad_hook(handle._hook))
+    return handle
