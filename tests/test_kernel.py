@@ -108,24 +108,29 @@ class Pair:
         return np.concatenate([b.ravel() for b in buffers]) if buffers else np.zeros(0, np.float32)
 
     def ratios(self) -> dict[str, np.ndarray]:
-        """Per element |error| / tolerance for each buffer; <= 1 passes."""
+        """Per element |error| / tolerance for each buffer: <= 1 passes, NaN fails."""
         unit = C * EPS32 * self.steps
-        out = {
-            "param": np.abs(self.flat(self.params) - self.ref_param) / (unit * (self.p_scale + self.lr_max)),
-            "exp_avg": np.abs(self.flat(self.exp_avgs) - self.ref_state["exp_avg"]) / (unit * self.m_scale),
-            "exp_avg_sq": np.abs(self.flat(self.exp_avg_sqs) - self.ref_state["exp_avg_sq"])
-            / (unit * self.v_scale),
+        pairs = {
+            "param": (self.params, self.ref_param, self.p_scale + self.lr_max),
+            "exp_avg": (self.exp_avgs, self.ref_state["exp_avg"], self.m_scale),
+            "exp_avg_sq": (self.exp_avg_sqs, self.ref_state["exp_avg_sq"], self.v_scale),
         }
         if self.amsgrad:
-            out["max_exp_avg_sq"] = np.abs(self.flat(self.max_exp_avg_sqs) - self.ref_state["max_exp_avg_sq"]) \
-                / (unit * self.v_scale)
+            pairs["max_exp_avg_sq"] = (self.max_exp_avg_sqs, self.ref_state["max_exp_avg_sq"], self.v_scale)
+        out = {}
+        for name, (got, want, scale) in pairs.items():
+            err = np.abs(self.flat(got) - want)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = err / (unit * scale)
+            # An exact match is a match even where the scale is zero; a NaN
+            # from the core stays NaN and fails.
+            ratio[err == 0] = 0.0
+            out[name] = ratio
         return out
 
     def check(self) -> None:
         """Asserts every buffer of every tensor is within tolerance of the oracle."""
         for name, ratio in self.ratios().items():
-            # 0/0 (an element whose moment is exactly zero in both) is a match.
-            ratio = np.nan_to_num(ratio, nan=0.0)
             bad = np.flatnonzero(~(ratio <= 1.0))
             if bad.size:
                 i = int(bad[np.argmax(ratio[bad])])
@@ -183,7 +188,7 @@ def test_a_thousand_tiny_tensors_in_one_batch_match_the_reference(hyper, amsgrad
     run_steps(Pair(sizes, rng, amsgrad), hyper).check()
 
 
-def test_late_steps_use_the_bias_corrections_of_their_step_number(rng):
+def test_steps_numbered_in_the_ten_thousands_match_the_reference(rng):
     run_steps(Pair([1009], rng, True), FULL, steps=20, first_step=10_000).check()
 
 
@@ -211,6 +216,14 @@ def test_tolerance_is_tight_enough_to_catch(mistake, rng):
         _core.adam_step([pair.batch(grads, t, hyper)])
         wrong_hyper, wrong_step = wrong(hyper, t)
         pair.reference(grads, wrong_step, wrong_hyper)
+    with pytest.raises(AssertionError, match="outside tolerance"):
+        pair.check()
+
+
+@pytest.mark.parametrize("buffer", ["params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"])
+def test_a_nan_from_the_core_fails_the_comparison(buffer, rng):
+    pair = run_steps(Pair([33], rng, amsgrad=True), FULL, steps=3)
+    getattr(pair, buffer)[0][5] = np.nan
     with pytest.raises(AssertionError, match="outside tolerance"):
         pair.check()
 
