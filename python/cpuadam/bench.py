@@ -26,7 +26,6 @@ matplotlib.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import gc
 import importlib
@@ -307,7 +306,7 @@ def _torch_state(bufs: Buffers, i: int, step) -> dict:
     return state
 
 
-def _prepare(key: str, bufs: Buffers, notes: list) -> Callable[[], None]:
+def _prepare(key: str, bufs: Buffers) -> Callable[[], None]:
     """Builds one implementation over the shared buffers; returns its zero-argument step."""
     amsgrad = bufs.workload.amsgrad
     if key == "cpuadam":
@@ -351,21 +350,10 @@ def _prepare(key: str, bufs: Buffers, notes: list) -> Callable[[], None]:
             opt.state[p] = _torch_state(bufs, i, 0)
         return opt.step
     if key == "cpuadam.torch":
-        AdamW = importlib.import_module("cpuadam.torch").AdamW
-        opt = AdamW(params, amsgrad=amsgrad, **hyper)
+        # Its state has torch.optim's layout (DESIGN.md), so it takes the shared buffers too.
+        opt = importlib.import_module("cpuadam.torch").AdamW(params, amsgrad=amsgrad, **hyper)
         for i, p in enumerate(params):
             opt.state[p] = _torch_state(bufs, i, torch.tensor(0.0, dtype=torch.float32))
-        try:
-            opt.step()
-        except Exception as exc:
-            # Its state layout may differ from torch.optim's: let it allocate its own.
-            opt = AdamW(params, amsgrad=amsgrad, **hyper)
-            opt.step()
-            notes.append(f"cpuadam.torch: own state buffers (shared state rejected: {exc})")
-        else:
-            first = opt.state[params[0]].get("exp_avg")
-            if first is None or first.data_ptr() != bufs.exp_avgs[0].ctypes.data:
-                notes.append("cpuadam.torch: own state buffers")
         return opt.step
     raise KeyError(key)
 
@@ -388,27 +376,29 @@ def _parse_threads(text: str) -> list:
         part = part.strip().lower()
         if part == "all":
             n = _available_cpus()
+        elif part == "pow2":
+            # 1, 2, 4, ... below the CPU count, then the CPU count itself.
+            top = _available_cpus()
+            counts += [1 << i for i in range(top.bit_length()) if (1 << i) < top]
+            n = top
         elif part.isdigit() and int(part) >= 1:
             n = int(part)
         else:
             raise argparse.ArgumentTypeError(f"bad thread count {part!r} (expected N >= 1 or 'all')")
-        if n not in counts:
-            counts.append(n)
-    return counts
+        counts.append(n)
+    return sorted(set(counts))
 
 
 def _set_threads(n: int, keys: Sequence[str]) -> None:
-    """Gives every implementation the same thread count."""
+    """Gives every implementation the same thread count.
+
+    One OpenMP runtime serves the whole process (torch's bundled libgomp and
+    the system one share a soname, so whichever loads first is used by both),
+    and torch.set_num_threads also sets the count DeepSpeed's op runs with.
+    """
     cpuadam.set_num_threads(n)
     if any(k in _TORCH_IMPLS for k in keys) and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(n)
-    if "deepspeed" in keys:
-        # DeepSpeed's op links the system OpenMP runtime, not the copy bundled with torch,
-        # so torch.set_num_threads does not reach it.
-        try:
-            ctypes.CDLL("libgomp.so.1").omp_set_num_threads(n)
-        except (OSError, AttributeError):
-            pass
 
 
 # --------------------------------------------------------------------------- progress
@@ -538,20 +528,20 @@ def run(workloads: Sequence[Workload], threads: Sequence[int], impls: Sequence[s
     usable = [k for k in impls if availability[k] is None]
     skipped = [{"impl": k, "workload": None, "threads": None, "reason": availability[k]}
                for k in impls if availability[k] is not None]
-    notes: list = []
     rows: list = []
     saved_threads = cpuadam.get_num_threads()
     saved_torch_threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
     bar = _Progress(len(workloads) * len(threads) * (rounds + warmup), enabled=progress)
     try:
         for workload in workloads:
-            bar.describe(f"{workload.name}: allocating {workload.n_params * 4 / 2**20:,.0f} MiB per buffer")
+            n_buffers = 6 if workload.amsgrad else 5
+            bar.describe(f"{workload.name}: allocating {n_buffers * 4 * workload.n_params / 2**20:,.0f} MiB")
             bufs = Buffers(workload)
             steps: dict = {}
             for key in usable:
                 bar.describe(f"{workload.name}: preparing {key}")
                 try:
-                    steps[key] = _prepare(key, bufs, notes)
+                    steps[key] = _prepare(key, bufs)
                 except _Unsupported as exc:
                     skipped.append({"impl": key, "workload": workload.name, "threads": None, "reason": str(exc)})
                 except Exception as exc:
@@ -583,7 +573,7 @@ def run(workloads: Sequence[Workload], threads: Sequence[int], impls: Sequence[s
                        "amsgrad": w.amsgrad} for w in workloads],
         "threads": list(threads), "impls": list(impls), "rounds": rounds, "warmup": warmup,
         "hyperparameters": {"lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": WEIGHT_DECAY}},
-        "rows": rows, "skipped": skipped, "notes": notes, "many_tensor_cost": _many_tensor_cost(rows)}
+        "rows": rows, "skipped": skipped, "many_tensor_cost": _many_tensor_cost(rows)}
 
 
 def _many_tensor_cost(rows: list) -> list:
@@ -687,16 +677,20 @@ LEGEND = ("ms/step: median; GB/s: bytes an fp32 step must move (28/param, 32 wit
           "µs/tensor: step time / number of tensors.")
 
 
+_TEXT_COLUMNS = ("workload", "impl", "vs one tensor of")
+
+
 def _plain_table(headers: list, rows: list) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    left = {0, 2}
+    left = {i for i, h in enumerate(headers) if h in _TEXT_COLUMNS}
+
     def line(cells):
         return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 def markdown_table(headers: list, rows: list) -> str:
-    align = ["---" if i in (0, 2) else "---:" for i in range(len(headers))]
+    align = ["---" if h in _TEXT_COLUMNS else "---:" for h in headers]
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
@@ -737,7 +731,7 @@ def print_report(report: dict, *, markdown: bool = False, scaling: bool = False,
     sections = _section_tables(report, scaling)
     extras = [f"skipped {s['impl']}" + (f" on {s['workload']}" if s["workload"] else "")
               + (f" at {s['threads']} threads" if s["threads"] else "") + f": {s['reason']}"
-              for s in report["skipped"]] + report["notes"]
+              for s in report["skipped"]]
     use_rich = False
     if not markdown and file is sys.stdout and sys.stdout.isatty():
         try:
@@ -752,13 +746,13 @@ def print_report(report: dict, *, markdown: bool = False, scaling: bool = False,
         for title, h, body in [("AdamW step", headers, rows)] + sections:
             table = Table(title=title, title_justify="left")
             for i, name in enumerate(h):
-                table.add_column(name, justify="left" if name in ("workload", "impl", "vs one tensor of") else "right")
+                table.add_column(name, justify="left" if name in _TEXT_COLUMNS else "right")
             for r in body:
                 table.add_row(*r)
             console.print(table)
-        console.print(LEGEND, style="dim")
+        console.print(LEGEND, style="dim", highlight=False)
         for line in extras:
-            console.print(line, style="dim")
+            console.print(line, style="dim", highlight=False)
         return
     render = markdown_table if markdown else _plain_table
     print(render(headers, rows), file=file)
@@ -790,6 +784,9 @@ def plot(report: dict, path: str) -> None:
                 if single:
                     ax.plot([r["n_params"] for r in single], [r["gbps"] for r in single], "k--", lw=2.5,
                             label="roofline proxy", zorder=3)
+                if many:
+                    ax.scatter([r["n_params"] for r in many], [r["gbps"] for r in many], marker="x", s=50,
+                               color="k", zorder=3)
                 continue
             if single:
                 ax.plot([r["n_params"] for r in single], [r["gbps"] for r in single], "o-",
@@ -830,12 +827,13 @@ def _parse_args(argv) -> argparse.Namespace:
                              "COUNTxSIZE (4096x4096), gpt2; append :amsgrad for AMSGrad "
                              f"(default {','.join(DEFAULT_SIZES)})")
     parser.add_argument("--threads", metavar="LIST", type=_parse_threads, default=None,
-                        help="comma-separated thread counts, 'all' = every available CPU (default 1,all)")
+                        help="comma-separated thread counts; 'all' = every available CPU, 'pow2' = 1, 2, 4, ... and all "
+                             "(default 1,all)")
     parser.add_argument("--impls", metavar="LIST",
                         help=f"comma-separated implementations (default all available): {','.join(_IMPL_BY_KEY)}")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="timed interleaved steps per implementation (default 15; 10 with --quick)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 3; 2 with --quick)")
+                        help="timed interleaved steps per implementation (default 15; 6 with --quick)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 3; 1 with --quick)")
     parser.add_argument("--json", metavar="PATH", help="write the full report (every time measured) as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="draw GB/s vs size per implementation (needs matplotlib)")
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
@@ -854,8 +852,8 @@ def _parse_args(argv) -> argparse.Namespace:
     unknown = [k for k in args.impls if k not in _IMPL_BY_KEY]
     if unknown:
         parser.error(f"unknown implementation(s) {', '.join(unknown)}; choose from {', '.join(_IMPL_BY_KEY)}")
-    args.rounds = args.rounds if args.rounds is not None else 10 if args.quick else 15
-    args.warmup = args.warmup if args.warmup is not None else 2 if args.quick else 3
+    args.rounds = args.rounds if args.rounds is not None else 6 if args.quick else 15
+    args.warmup = args.warmup if args.warmup is not None else 1 if args.quick else 3
     if args.rounds < 1 or args.warmup < 0:
         parser.error("--rounds must be >= 1 and --warmup >= 0")
     return args
