@@ -359,6 +359,20 @@ def test_core_rejects_bad_batch_and_writes_nothing(mutate, exc, message):
     assert snapshot_bytes(batches) == before
 
 
+@pytest.mark.xfail(strict=True, raises=RuntimeError,
+                   reason="the binding reads step, group, indices and the flags with pybind11's "
+                          "cast(), whose failure surfaces as RuntimeError rather than TypeError")
+@pytest.mark.parametrize(("key", "value"), [("step", 1.5), ("group", "a"), ("indices", [0.5, 1]),
+                                            ("amsgrad", "yes")])
+def test_core_rejects_a_wrongly_typed_batch_entry_with_type_error(key, value):
+    batches = core_batches()
+    batches[1][key] = value
+    before = snapshot_bytes(batches)
+    with pytest.raises(TypeError, match=key):
+        _core.adam_step(batches)
+    assert snapshot_bytes(batches) == before
+
+
 @pytest.mark.parametrize("value", [0.0, -1.0, math.nan, math.inf])
 def test_core_rejects_a_bad_global_clipnorm_and_writes_nothing(value):
     batches = core_batches()
