@@ -5,7 +5,7 @@
 //   g    = (grad [+ accumulated]) * grad_scale, clipped to [-clip_value, clip_value]
 //   g    = g + weight_decay * p             (DecayMode::L2, Adam)
 //   p    = p * decay_factor                 (DecayMode::Decoupled, AdamW)
-//   m    = m + (1 - beta1) * (g - m)        (torch's lerp form of beta1*m + (1-beta1)*g)
+//   m    = lerp(m, g, 1 - beta1)            (torch's form of beta1*m + (1-beta1)*g)
 //   v    = beta2 * v + (1 - beta2) * g * g
 //   vmax = max(vmax, v); use vmax for v     (Amsgrad::On)
 //   p    = p - step_size * m / (sqrt(v) / bc2_sqrt + eps)
@@ -62,7 +62,8 @@ inline void adam_range(P* __restrict param, const G* __restrict grad, S* __restr
                        G* __restrict grad_accum, P* __restrict ema, int64_t n, float grad_scale,
                        const StepScalars& sc) {
   // Scalars as locals: the compiler cannot prove the buffers do not alias sc.
-  const float beta2 = sc.beta2, one_minus_beta1 = sc.one_minus_beta1;
+  const float beta2 = sc.beta2, lerp_coef = sc.lerp_coef;
+  const bool lerp_from_grad = sc.lerp_from_grad != 0;
   const float one_minus_beta2 = sc.one_minus_beta2, neg_step_size = -sc.step_size;
   const float bc2_sqrt = sc.bc2_sqrt, eps = sc.eps, weight_decay = sc.weight_decay;
   const float decay_factor = sc.decay_factor, clip_value = sc.clip_value;
@@ -74,7 +75,7 @@ inline void adam_range(P* __restrict param, const G* __restrict grad, S* __restr
     if constexpr (kDecay == DecayMode::L2) g = madd(weight_decay, p, g);
     if constexpr (kDecay == DecayMode::Decoupled) p = p * decay_factor;
     const float m_old = load_float(exp_avg[i]);
-    const float m = madd(one_minus_beta1, g - m_old, m_old);
+    const float m = madd(lerp_coef, g - m_old, lerp_from_grad ? g : m_old);
     const float v = madd(one_minus_beta2 * g, g, beta2 * load_float(exp_avg_sq[i]));
     float v_used = v;
     if constexpr (kAmsgrad == Amsgrad::On) {

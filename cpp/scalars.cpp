@@ -16,6 +16,11 @@ void adam_scalars(const AdamHyper& h, StepScalars& s) {
   s.beta1 = static_cast<float>(h.beta1);
   s.beta2 = static_cast<float>(h.beta2);
   s.one_minus_beta1 = static_cast<float>(1.0 - h.beta1);
+  // torch's lerp: weight w = 1 - beta1 in float; w < 0.5 gives m + w*(g - m),
+  // otherwise g + (w - 1)*(g - m) with w - 1 taken in float as torch does.
+  const float w = s.one_minus_beta1;
+  s.lerp_from_grad = w < 0.5f ? 0 : 1;
+  s.lerp_coef = w < 0.5f ? w : w - 1.0f;
   s.one_minus_beta2 = static_cast<float>(1.0 - h.beta2);
   s.step_size = static_cast<float>(h.lr / bc1);
   s.bc2_sqrt = static_cast<float>(bc2_sqrt);

@@ -34,6 +34,10 @@ struct StepScalars {
   float beta1 = 0.9f;
   float beta2 = 0.999f;
   float one_minus_beta1 = 0.1f;
+  // m = lerp(m, g, 1 - beta1) in torch's two forms: small weights step from m,
+  // large ones (beta1 > 0.5) from g, so beta1 = 0 gives m == g exactly.
+  float lerp_coef = 0.1f;     // 1 - beta1, or (1 - beta1) - 1 when stepping from g
+  int lerp_from_grad = 0;
   float one_minus_beta2 = 0.001f;
   float step_size = 0.f;     // Adam: lr / bc1; SGD: lr
   float bc2_sqrt = 1.f;      // sqrt(1 - beta2**step)

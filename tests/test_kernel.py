@@ -240,9 +240,6 @@ def test_amsgrad_is_caught_when_the_oracle_forgets_the_max(rng):
     assert np.nanmax(pair.ratios()["param"]) > 1.0
 
 
-@pytest.mark.xfail(strict=True, reason="kernel.h forms m as m + (1 - beta1) * (g - m), which rounds "
-                   "with an error of eps32 * |old m| even when beta1 = 0; torch's lerp switches to "
-                   "g - beta1 * (g - m) for beta1 <= 0.5 and returns g exactly")
 def test_exp_avg_is_exactly_the_grad_when_beta1_is_zero(rng):
     # beta1 * m + (1 - beta1) * g is g itself at beta1 = 0, whatever the old m.
     n = 1009
