@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: MIT
-"""The memory-bandwidth baseline: the roofline proxy (read 4 buffers, write 3) from cache-sized to 128M params, next to cpuadam in the same run.
+"""The memory-bandwidth baseline: the roofline proxy from cache-sized to 128M params, next to cpuadam in one run.
 
 Usage: python benchmarks/bandwidth.py [any option of python -m cpuadam.bench]
 """

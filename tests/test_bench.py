@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: MIT
-"""The benchmark on tiny workloads: report structure, filters, workload names, and that every timed implementation really steps AdamW."""
+"""The benchmark on tiny workloads: report structure, options, and that every timed implementation steps AdamW."""
 
 from __future__ import annotations
 

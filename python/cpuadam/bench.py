@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: MIT
-"""The benchmark users run (``python -m cpuadam.bench``): cpuadam's AdamW step against its peers and a memory-roofline proxy, interleaved in one process.
+"""``python -m cpuadam.bench``: cpuadam's AdamW step against its peers and a roofline proxy, interleaved.
 
 An fp32 AdamW step reads param, grad, exp_avg and exp_avg_sq and writes param,
 exp_avg and exp_avg_sq back: 28 bytes per parameter (32 with AMSGrad, which
@@ -517,7 +517,7 @@ def _add_ratios(rows: list) -> None:
 
 
 def run(workloads: Sequence[Workload], threads: Sequence[int], impls: Sequence[str], *,
-        rounds: int = 15, warmup: int = 3, progress: bool = True, log=None) -> dict:
+        rounds: int = 15, warmup: int = 3, progress: bool = True) -> dict:
     """Measures every workload at every thread count; returns the report as plain data.
 
     Buffers are made for one workload at a time and shared by all
@@ -701,7 +701,8 @@ def _section_tables(report: dict, scaling: bool) -> list:
     sections = []
     cost = report["many_tensor_cost"]
     if cost:
-        sections.append(("Many tensors vs one tensor of about the same size (GB/s of one ÷ GB/s of many; 1.00 = no cost)",
+        sections.append(("Many tensors vs one tensor of about the same size "
+                         "(GB/s of one ÷ GB/s of many; 1.00 = no cost)",
                          ["workload", "vs one tensor of", "threads", "impl", "cost"],
                          [[c["workload"], c["single"], str(c["threads"]), c["impl"], f"{c['cost']:.2f}"]
                           for c in cost]))
@@ -827,8 +828,8 @@ def _parse_args(argv) -> argparse.Namespace:
                              "COUNTxSIZE (4096x4096), gpt2; append :amsgrad for AMSGrad "
                              f"(default {','.join(DEFAULT_SIZES)})")
     parser.add_argument("--threads", metavar="LIST", type=_parse_threads, default=None,
-                        help="comma-separated thread counts; 'all' = every available CPU, 'pow2' = 1, 2, 4, ... and all "
-                             "(default 1,all)")
+                        help="comma-separated thread counts; 'all' = every available CPU, "
+                             "'pow2' = 1, 2, 4, ... and all (default 1,all)")
     parser.add_argument("--impls", metavar="LIST",
                         help=f"comma-separated implementations (default all available): {','.join(_IMPL_BY_KEY)}")
     parser.add_argument("--rounds", type=int, default=None,
@@ -842,7 +843,8 @@ def _parse_args(argv) -> argparse.Namespace:
     args = parser.parse_args(argv)
     try:
         specs = args.sizes.split(",") if args.sizes else QUICK_SIZES if args.quick else DEFAULT_SIZES
-        args.workloads = [parse_workload(s) for s in specs if s.strip()]
+        names = list(dict.fromkeys(s.strip() for s in specs if s.strip()))
+        args.workloads = [parse_workload(s) for s in names]
     except ValueError as exc:
         parser.error(str(exc))
     if not args.workloads:
