@@ -13,7 +13,8 @@ travel well, not the absolute times.
 
 Every implementation works on the same param, grad and state buffers (the
 optimizers are handed the benchmark's state arrays), so a 128M-param workload
-costs about 2.5 GB however many implementations run. Rounds are interleaved:
+holds 2.5 GB of buffers however many implementations run (peak RSS about 4.5 GB
+with the NumPy peer's scratch buffer and torch foreach's temporaries). Rounds are interleaved:
 each round runs one step of every implementation, in an order rotated from
 round to round, and the reported time is the median over the timed rounds.
 
