@@ -12,6 +12,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "dispatch.h"
@@ -214,16 +215,17 @@ Buffers validate(const py::dict& d, const std::vector<StateList>& lists, Namer n
   return b;
 }
 
-EpsMode parse_eps_mode(const std::string& s) {
+EpsMode parse_eps_mode(const std::string& s, const std::string& in_group) {
   if (s == "torch") return EpsMode::Torch;
   if (s == "keras") return EpsMode::Keras;
-  throw py::value_error("invalid eps_mode: '" + s + "' (expected 'torch' or 'keras')");
+  throw py::value_error("invalid eps_mode" + in_group + ": '" + s + "' (expected 'torch' or 'keras')");
 }
 
-DecayScale parse_decay_mode(const std::string& s) {
+DecayScale parse_decay_mode(const std::string& s, const std::string& in_group) {
   if (s == "lr") return DecayScale::Lr;
   if (s == "independent") return DecayScale::Independent;
-  throw py::value_error("invalid decay_mode: '" + s + "' (expected 'lr' or 'independent')");
+  throw py::value_error("invalid decay_mode" + in_group + ": '" + s +
+                        "' (expected 'lr' or 'independent')");
 }
 
 double get_double(const py::dict& d, const char* key) {
@@ -236,9 +238,32 @@ double get_double(const py::dict& d, const char* key) {
   return h.cast<double>();
 }
 
+// Typed lookups of optional batch keys: a wrong type is a TypeError naming the key.
 template <typename T>
 T get_or(const py::dict& d, const char* key, T fallback) {
-  return d.contains(key) && !d[key].is_none() ? d[key].cast<T>() : fallback;
+  if (!d.contains(key) || d[key].is_none()) return fallback;
+  py::handle h = d[key];
+  const char* expected = "a value of the right type";
+  if constexpr (std::is_same_v<T, bool>) {
+    expected = "a bool";
+    if (py::isinstance<py::bool_>(h)) return h.cast<bool>();
+  } else if constexpr (std::is_integral_v<T>) {
+    expected = "an int";
+    if (!py::isinstance<py::bool_>(h) && py::hasattr(h, "__index__")) return h.cast<T>();
+  } else if constexpr (std::is_same_v<T, std::string>) {
+    expected = "a str";
+    if (py::isinstance<py::str>(h)) return h.cast<T>();
+  } else if constexpr (std::is_floating_point_v<T>) {
+    return static_cast<T>(get_double(d, key));
+  } else {
+    expected = "a list of ints";
+    try {
+      if (py::isinstance<py::list>(h) || py::isinstance<py::tuple>(h)) return h.cast<T>();
+    } catch (const py::cast_error&) {
+    }
+  }
+  throw py::type_error(std::string(key) + ": expected " + expected + ", got " +
+                       std::string(py::str(py::type::of(h).attr("__name__"))));
 }
 
 bool has(const py::dict& d, const char* key) { return d.contains(key) && !d[key].is_none(); }
@@ -295,8 +320,8 @@ Batch make_batch(const py::dict& d, Optim optim) {
     check_scalar(h.beta2, "beta2" + in_group, 0.0, false, 1.0, true);
     check_scalar(h.eps, "eps" + in_group, 0.0, false, INFINITY, true);
     h.decoupled = get_or<bool>(d, "decoupled", false);
-    h.decay_scale = parse_decay_mode(get_or<std::string>(d, "decay_mode", "lr"));
-    h.eps_mode = parse_eps_mode(get_or<std::string>(d, "eps_mode", "torch"));
+    h.decay_scale = parse_decay_mode(get_or<std::string>(d, "decay_mode", "lr"), in_group);
+    h.eps_mode = parse_eps_mode(get_or<std::string>(d, "eps_mode", "torch"), in_group);
     adam_scalars(h, sc);
     a.decay = adam_decay_mode(h);
     a.amsgrad = get_or<bool>(d, "amsgrad", false) ? Amsgrad::On : Amsgrad::Off;
@@ -395,7 +420,9 @@ py::dict run_step(py::handle batches_obj, Optim optim, py::object global_clipnor
   std::vector<Batch> batches = parse_batches(batches_obj, optim);
   double global_clipnorm = 0.0;
   if (!global_clipnorm_obj.is_none()) {
-    global_clipnorm = global_clipnorm_obj.cast<double>();
+    py::dict holder;
+    holder["global_clipnorm"] = global_clipnorm_obj;
+    global_clipnorm = get_double(holder, "global_clipnorm");
     check_scalar(global_clipnorm, "global_clipnorm", 0.0, true, INFINITY, true);
   }
   bool need_norms = skip_nonfinite || global_clipnorm > 0.0;
@@ -416,8 +443,10 @@ py::dict run_step(py::handle batches_obj, Optim optim, py::object global_clipnor
           total += sums[t] * batches[i].base_scale * batches[i].base_scale;
       global_norm = std::sqrt(total);
       finite = std::isfinite(global_norm);
-      const double global_coef =
-          global_clipnorm > 0.0 ? global_clipnorm / std::max(global_norm, global_clipnorm) : 1.0;
+      // Keras: a non-finite global norm turns every clipped grad into NaN.
+      double global_coef = 1.0;
+      if (global_clipnorm > 0.0)
+        global_coef = finite ? global_clipnorm / std::max(global_norm, global_clipnorm) : NAN;
       for (size_t i = 0, t = 0; i < batches.size(); ++i) {
         Batch& b = batches[i];
         for (TensorSpan& s : b.buffers.spans) {

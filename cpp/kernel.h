@@ -4,7 +4,7 @@
 // Adam/AdamW, with p param, g grad, m exp_avg, v exp_avg_sq, vmax max_exp_avg_sq:
 //   g    = (grad [+ accumulated]) * grad_scale, clipped to [-clip_value, clip_value]
 //   g    = g + weight_decay * p             (DecayMode::L2, Adam)
-//   p    = p * decay_factor                 (DecayMode::Decoupled, AdamW)
+//   p    = p * decay_factor                 (DecayMode::Decoupled, AdamW: 1 - lr * wd)
 //   m    = lerp(m, g, 1 - beta1)            (torch's form of beta1*m + (1-beta1)*g)
 //   v    = beta2 * v + (1 - beta2) * g * g
 //   vmax = max(vmax, v); use vmax for v     (Amsgrad::On)
@@ -73,6 +73,8 @@ inline void adam_range(P* __restrict param, const G* __restrict grad, S* __restr
     float p = load_float(param[i]);
     float g = effective_grad<kAccumulate>(grad, grad_accum, i, grad_scale, clip_value);
     if constexpr (kDecay == DecayMode::L2) g = madd(weight_decay, p, g);
+    // torch's (and DESIGN's) form. p - (lr*wd)*p would round the decay more
+    // finely, but would no longer follow torch.optim.AdamW step for step.
     if constexpr (kDecay == DecayMode::Decoupled) p = p * decay_factor;
     const float m_old = load_float(exp_avg[i]);
     const float m = madd(lerp_coef, g - m_old, lerp_from_grad ? g : m_old);

@@ -43,7 +43,7 @@ struct StepScalars {
   float bc2_sqrt = 1.f;      // sqrt(1 - beta2**step)
   float eps = 0.f;           // eps_mode "torch": eps; "keras": eps / sqrt(bc2)
   float weight_decay = 0.f;  // used by DecayMode::L2
-  float decay_factor = 1.f;  // used by DecayMode::Decoupled: 1 - lr*wd or 1 - wd
+  float decay_factor = 1.f;  // used by DecayMode::Decoupled: 1 - lr*wd, or 1 - wd (independent)
   float clip_value = 0.f;    // |g| is clipped to this after scaling; +inf when unused
   float ema_momentum = 0.f;  // EMA: ema = ema_momentum * ema + (1 - ema_momentum) * p
   float one_minus_ema_momentum = 1.f;
