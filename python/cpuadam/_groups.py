@@ -32,6 +32,8 @@ def check_param_array(p: Any, name: str) -> None:
 def check_real(value: Any, name: str, low: float, high: float = math.inf,
                high_open: bool = False) -> None:
     """torch.optim-style hyperparameter check: a finite real in [low, high)."""
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "fiu":
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise TypeError(f"Invalid {name}: expected a real number, got {type(value).__name__}")
     v = float(value)

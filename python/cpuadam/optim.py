@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -136,8 +137,9 @@ class Optimizer:
         """Optimizer-wide entries of state_dict beyond torch's two (subclasses extend)."""
         return {}
 
-    def _load_extra_state(self, state_dict: dict) -> None:
-        """Restores what _extra_state saved."""
+    def _load_extra_state(self, state_dict: dict) -> Callable[[], None]:
+        """Checks what _extra_state saved; returns the function that restores it."""
+        return lambda: None
 
     def state_dict(self) -> dict:
         """torch's layout: ``{'state': {index: {...}}, 'param_groups': [...]}``.
@@ -191,9 +193,10 @@ class Optimizer:
             new_groups.append(group)
         for gi, group in enumerate(new_groups):
             self._check_group(group, gi)
+        apply_extra = self._load_extra_state(state_dict)
         self.param_groups = new_groups
         self.state = new_state
-        self._load_extra_state(state_dict)
+        apply_extra()
 
     def _load_param_state(self, entry: dict, param: np.ndarray, index: int) -> dict:
         out = {}
@@ -209,6 +212,30 @@ class Optimizer:
                                  f"expected {param.shape}")
             out[key] = np.array(arr, dtype=param.dtype, order="C", copy=True)
         return out
+
+
+class _Batch:
+    """Which params of a group one core batch updates: their positions in the
+    group and in the flat order, the state lists, and the key they share."""
+
+    __slots__ = ("group", "lists", "new_buffers", "decays", "indices", "flat")
+
+    def __init__(self, group: int, lists: list, new_buffers: bool, decays: bool):
+        self.group, self.lists, self.new_buffers, self.decays = group, lists, new_buffers, decays
+        self.indices: list[int] = []
+        self.flat: list[int] = []
+
+
+class _Plan:
+    """The sorting of one step's params into batches, reused by later steps
+    while the params, the grads present and the state layout stay the same."""
+
+    def __init__(self, key: tuple):
+        self.key = key
+        self.batches: list[_Batch] = []
+        self.updated: list[int] = []            # flat indices stepped (their state advances)
+        self.ema_only: list[int] = []           # no grad, but averaged (use_ema)
+        self.accumulators_left: list[int] = []  # no grad, accumulator to restart
 
 
 class _FusedOptimizer(Optimizer):
@@ -227,14 +254,14 @@ class _FusedOptimizer(Optimizer):
                  skip_nonfinite: bool | None = None,
                  weight_decay_mask: Callable[[str | None, np.ndarray], bool] | Sequence[bool] | None = None,
                  exclude_from_weight_decay: Sequence[str] | None = None):
-        if sum(x is not None for x in (clipnorm, clipvalue, global_clipnorm)) > 1:
-            raise ValueError("Only one of clipnorm, clipvalue and global_clipnorm can be set")
         for value, name in ((clipnorm, "clipnorm"), (clipvalue, "clipvalue"),
                             (global_clipnorm, "global_clipnorm")):
             if value is not None:
                 check_real(value, name, 0.0)
-                if value <= 0:
-                    raise ValueError(f"Invalid {name}: {value} (expected > 0)")
+        # As in Keras, 0 (or None) turns a clipping option off.
+        clipnorm, clipvalue, global_clipnorm = (x if x else None for x in (clipnorm, clipvalue, global_clipnorm))
+        if sum(x is not None for x in (clipnorm, clipvalue, global_clipnorm)) > 1:
+            raise ValueError("Only one of clipnorm, clipvalue and global_clipnorm can be set")
         if loss_scale_factor is not None and not isinstance(loss_scale_factor, DynamicLossScale):
             check_real(loss_scale_factor, "loss_scale_factor", 0.0)
             if loss_scale_factor <= 0:
@@ -268,6 +295,7 @@ class _FusedOptimizer(Optimizer):
         self.skipped_steps = 0
         # Calls since the last applied update, under gradient accumulation.
         self._accumulated_calls = 0
+        self._plan: _Plan | None = None
         self._flat_count = 0
         super().__init__(params, defaults)
         if self._decay_mask_list is not None and len(self._decay_mask_list) != self._flat_count:
@@ -289,7 +317,7 @@ class _FusedOptimizer(Optimizer):
                     if name is None:
                         raise ValueError("exclude_from_weight_decay selects params by name: give them "
                                          "as (name, array) pairs, or use weight_decay_mask")
-                    decays = decays and not any(s in name for s in self._exclude_names)
+                    decays = decays and not any(re.search(pattern, name) for pattern in self._exclude_names)
                 mask.append(decays)
             group["decay_mask"] = mask
         elif len(group["decay_mask"]) != len(group["params"]):
@@ -371,9 +399,10 @@ class _FusedOptimizer(Optimizer):
                 skips that param, as a None ``.grad`` does in torch.
 
         With ``gradient_accumulation_steps=k`` the first k-1 calls only add
-        the grads to accumulators; the k-th applies the update to their mean.
-        With ``skip_nonfinite`` a step whose grads hold inf or NaN changes
-        nothing but ``skipped_steps`` (and an accumulation window restarts).
+        the grads to accumulators; the k-th applies the update to their mean
+        (every accumulator restarts after it, as in Keras). With
+        ``skip_nonfinite`` a step whose grads hold inf or NaN changes nothing
+        but ``skipped_steps`` (and an accumulation window restarts).
 
         Raises:
             TypeError, ValueError: on a bad grad, buffer or hyperparameter; the
@@ -387,63 +416,17 @@ class _FusedOptimizer(Optimizer):
             self._accumulate(grads)
             self._accumulated_calls += 1
             return
-        grad_scale = self._grad_scale()
-        ema_momentum = self.ema_momentum if self.iterations > 0 else 0.0
-        batches = []
-        commits = []  # (flat index, new state or None, state): applied after the core succeeds
-        k = 0
-        for gi, group in enumerate(self.param_groups):
-            lr = self._current_lr(group)
-            lists = self._state_lists(group)
-            by_key: dict[Any, dict] = {}
-            for pi, p in enumerate(group["params"]):
-                g, key = grads[k], k
-                k += 1
-                if g is None:
-                    continue
-                state = self.state.get(key)
-                fresh = state is None
-                state = dict(self._new_state()) if fresh else state
-                new_buffers = [sk for _, sk in lists if sk not in state]
-                missing = new_buffers + (["ema"] if self.use_ema and "ema" not in state else [])
-                if missing:
-                    state = dict(state)  # committed only if the step succeeds
-                    for sk in missing:
-                        state[sk] = np.zeros_like(p)
-                decays = group["decay_mask"][pi]
-                batch_key = (self._batch_key(state, bool(new_buffers)), decays)
-                batch = by_key.get(batch_key)
-                if batch is None:
-                    batch = by_key[batch_key] = {
-                        "params": [], "grads": [], "indices": [], "group": gi,
-                        "grad_scale": grad_scale, "clipnorm": self.clipnorm,
-                        "clipvalue": self.clipvalue,
-                        **{bk: [] for bk, _ in lists},
-                        **self._batch_scalars(group, lr, batch_key[0]),
-                    }
-                    if not decays:
-                        batch["weight_decay"] = 0.0
-                    if accumulating:
-                        batch["grad_accums"] = []
-                    if self.use_ema:
-                        batch["emas"] = []
-                        batch["ema_momentum"] = ema_momentum
-                batch["params"].append(p)
-                batch["grads"].append(g)
-                batch["indices"].append(pi)
-                for bk, sk in lists:
-                    batch[bk].append(state[sk])
-                if accumulating:
-                    acc = state.get("grad_accum")
-                    if acc is None:  # a param whose grads only arrive on the applying call
-                        state = dict(state, grad_accum=np.zeros_like(p))
-                        missing.append("grad_accum")
-                        acc = state["grad_accum"]
-                    batch["grad_accums"].append(acc)
-                if self.use_ema:
-                    batch["emas"].append(state["ema"])
-                commits.append((key, state, fresh or bool(missing)))
-            batches.extend(by_key.values())
+        key = self._plan_key(grads)
+        plan = self._plan if self._plan is not None and self._plan.key == key else None
+        pending: dict[int, dict] = {}
+        if plan is not None:
+            try:
+                batches = self._gather(plan, grads, pending)
+            except KeyError:  # state edited by hand since the plan was made
+                plan = None
+        if plan is None:
+            plan = self._make_plan(key, grads, pending)
+            batches = self._gather(plan, grads, pending)
         result = type(self)._core_step(batches, global_clipnorm=self.global_clipnorm,
                                        skip_nonfinite=self.skip_nonfinite)
         if isinstance(self.loss_scale_factor, DynamicLossScale):
@@ -452,16 +435,111 @@ class _FusedOptimizer(Optimizer):
             self.skipped_steps += 1
             if accumulating:
                 self._reset_accumulators()
+            self._plan = None
             return
-        for key, state, replace in commits:
-            if replace:
-                self.state[key] = state
-            self._advance(self.state[key])
+        self.state.update(pending)
+        for k in plan.updated:
+            self._advance(self.state[k])
+        if self.use_ema:
+            momentum = self.ema_momentum if self.iterations > 0 else 0.0
+            for k in plan.ema_only:  # averaged at their unchanged value, as Keras does
+                p, avg = self._flat_params()[k], self.state[k]["ema"]
+                avg *= momentum
+                avg += (1.0 - momentum) * p
+        if accumulating:
+            for k in plan.accumulators_left:  # no grad this call: the window restarts anyway
+                self.state[k]["grad_accum"].fill(0)
         self._accumulated_calls = 0
         self.iterations += 1
+        # A plan is reused while the params, grads present and state layout stay
+        # the same; a step that created state makes the next one build afresh.
+        self._plan = None if pending else plan
         if self.use_ema and self.ema_overwrite_frequency and \
                 self.iterations % self.ema_overwrite_frequency == 0:
             self.finalize()
+
+    def _plan_key(self, grads: list) -> tuple:
+        groups = tuple((id(g["params"]), len(g["params"]), tuple(self._state_lists(g)),
+                        tuple(g["decay_mask"])) for g in self.param_groups)
+        return (tuple(g is None for g in grads), groups)
+
+    def _make_plan(self, key: tuple, grads: list, pending: dict) -> "_Plan":
+        """Sorts the params with grads into batches (per group, step count and
+        decay) and creates missing state in ``pending``, committed on success."""
+        plan = _Plan(key)
+        accumulating = self.gradient_accumulation_steps > 1
+        k = 0
+        for gi, group in enumerate(self.param_groups):
+            lists = self._state_lists(group)
+            by_key: dict[Any, _Batch] = {}
+            for pi, p in enumerate(group["params"]):
+                g, flat = grads[k], k
+                k += 1
+                state = self.state.get(flat)
+                if g is None:
+                    if self.use_ema:
+                        if state is None or "ema" not in state:
+                            pending[flat] = dict(state or self._new_state(), ema=p.copy())
+                        plan.ema_only.append(flat)
+                    if accumulating and state is not None and "grad_accum" in state:
+                        plan.accumulators_left.append(flat)
+                    continue
+                new_buffers = [sk for _, sk in lists if state is None or sk not in state]
+                missing = dict.fromkeys(new_buffers)
+                if accumulating and (state is None or "grad_accum" not in state):
+                    missing["grad_accum"] = None
+                if self.use_ema and (state is None or "ema" not in state):
+                    missing["ema"] = None
+                if state is None or missing:
+                    state = dict(state or self._new_state())
+                    for sk in missing:
+                        # A new average starts at the param; the first update's
+                        # momentum of 0 makes it a copy either way.
+                        state[sk] = p.copy() if sk == "ema" else np.zeros_like(p)
+                    pending[flat] = state
+                decays = bool(group["decay_mask"][pi])
+                bkey = (self._batch_key(state, bool(new_buffers)), decays)
+                batch = by_key.get(bkey)
+                if batch is None:
+                    batch = by_key[bkey] = _Batch(gi, lists, bool(new_buffers), decays)
+                batch.indices.append(pi)
+                batch.flat.append(flat)
+                plan.updated.append(flat)
+            plan.batches.extend(by_key.values())
+        return plan
+
+    def _gather(self, plan: "_Plan", grads: list, pending: dict) -> list[dict]:
+        """This step's batch dicts: buffers looked up afresh, scalars recomputed."""
+        grad_scale = self._grad_scale()
+        ema_momentum = self.ema_momentum if self.iterations > 0 else 0.0
+        accumulating = self.gradient_accumulation_steps > 1
+        lrs = [self._current_lr(group) for group in self.param_groups]
+        out = []
+        for b in plan.batches:
+            group = self.param_groups[b.group]
+            params = group["params"]
+            states = [pending[k] if k in pending else self.state[k] for k in b.flat]
+            batch = {
+                "params": [params[i] for i in b.indices],
+                "grads": [grads[k] for k in b.flat],
+                "indices": b.indices, "group": b.group, "grad_scale": grad_scale,
+                "clipnorm": self.clipnorm, "clipvalue": self.clipvalue,
+                **self._batch_scalars(group, lrs[b.group], self._batch_key(states[0], b.new_buffers)),
+            }
+            for bk, sk in b.lists:
+                batch[bk] = [st[sk] for st in states]
+            if not b.decays:
+                batch["weight_decay"] = 0.0
+            if accumulating:
+                batch["grad_accums"] = [st["grad_accum"] for st in states]
+            if self.use_ema:
+                batch["emas"] = [st["ema"] for st in states]
+                batch["ema_momentum"] = ema_momentum
+            out.append(batch)
+        for k in plan.ema_only:
+            if k not in pending and "ema" not in self.state.get(k, {}):
+                raise KeyError(k)  # an average removed by hand: the caller re-plans
+        return out
 
     def _reset_accumulators(self) -> None:
         for state in self.state.values():
@@ -501,17 +579,34 @@ class _FusedOptimizer(Optimizer):
             extra["loss_scale"] = self.loss_scale_factor.state_dict()
         return extra
 
-    def _load_extra_state(self, state_dict: dict) -> None:
-        self.iterations = int(state_dict.get("iterations", 0))
-        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
-        self._accumulated_calls = int(state_dict.get("accumulated_calls", 0))
-        if isinstance(self.loss_scale_factor, DynamicLossScale) and "loss_scale" in state_dict:
-            self.loss_scale_factor.load_state_dict(state_dict["loss_scale"])
+    def _load_extra_state(self, state_dict: dict) -> Callable[[], None]:
+        counters = {}
+        for key in ("iterations", "skipped_steps", "accumulated_calls"):
+            value = state_dict.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"loaded state dict has an invalid '{key}': {value!r}")
+            counters[key] = int(value)
+        loss_scale = state_dict.get("loss_scale")
+        if loss_scale is not None and not isinstance(loss_scale, dict):
+            raise ValueError("loaded state dict has an invalid 'loss_scale'")
+
+        def apply() -> None:
+            self.iterations = counters["iterations"]
+            self.skipped_steps = counters["skipped_steps"]
+            self._accumulated_calls = counters["accumulated_calls"]
+            self._plan = None
+            if isinstance(self.loss_scale_factor, DynamicLossScale) and loss_scale is not None:
+                self.loss_scale_factor.load_state_dict(loss_scale)
+        return apply
 
 
 def _check_lr(group: dict, where: str) -> None:
-    if not callable(group["lr"]):
-        check_real(group["lr"], "learning rate" + where, 0.0)
+    lr = group["lr"]
+    if callable(lr):
+        return
+    if isinstance(lr, np.ndarray) and lr.ndim == 0:
+        lr = lr.item()
+    check_real(lr, "learning rate" + where, 0.0)
 
 
 class _AdamBase(_FusedOptimizer):
@@ -547,6 +642,12 @@ class _AdamBase(_FusedOptimizer):
 
     def _new_state(self) -> dict:
         return {"step": 0}
+
+    def _load_param_state(self, entry: dict, param: np.ndarray, index: int) -> dict:
+        out = super()._load_param_state(entry, param, index)
+        if "exp_avg" in out and "step" not in out:
+            raise ValueError(f"loaded state for param {index} has moments but no 'step'")
+        return out
 
     def _batch_key(self, state: dict, new_buffers: bool) -> int:
         return state["step"] + 1
@@ -597,8 +698,9 @@ _OPTIONS = """
             counted in ``skipped_steps`` (default: on when a loss scale is set).
         weight_decay_mask: callable(name, param) -> bool, or one bool per
             param: False excludes that param from weight decay.
-        exclude_from_weight_decay: name substrings (Keras); params given as
-            (name, array) pairs whose name contains one are not decayed.
+        exclude_from_weight_decay: patterns searched in param names, as
+            Keras does (a plain substring like "bias" works); params given as
+            (name, array) pairs whose name matches one are not decayed.
     ``lr`` may be a float or a callable of the step number (1 for the first
     update), e.g. from ``cpuadam.schedules``.
 """
