@@ -125,6 +125,18 @@ def _check_group(group: dict, where: str) -> None:
             raise ValueError(f"Invalid {key}{where}: {value!r} (expected one of {listed})")
 
 
+def _new_state(p: torch.Tensor, amsgrad: bool) -> dict:
+    """A param's state before its first step, laid out as torch.optim.Adam's."""
+    state = {
+        "step": torch.tensor(0.0, dtype=_scalar_dtype()),
+        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+    }
+    if amsgrad:
+        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return state
+
+
 class _AdamBase(Optimizer):
     """Shared machinery: checks, lazy state, one core call per step."""
 
@@ -231,14 +243,7 @@ class _AdamBase(Optimizer):
             amsgrad = bool(group["amsgrad"])
             state = self.state.get(p)
             if not state:
-                state = {
-                    "step": torch.tensor(0.0, dtype=_scalar_dtype()),
-                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-                }
-                if amsgrad:
-                    state["max_exp_avg_sq"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format)
+                state = _new_state(p, amsgrad)
                 fresh_states.append((p, state))
             elif amsgrad and "max_exp_avg_sq" not in state:
                 # amsgrad switched on after some steps: its running max starts from zero.
@@ -493,8 +498,10 @@ def step_in_backward(model_or_params: Any, optimizer_class: type = AdamW,
         A :class:`StepInBackward`; ``handle.optimizer`` goes to lr schedulers
         (call ``scheduler.step()`` after each backward) and checkpoints.
 
-    Each backward is one step, so grads cannot be accumulated over several
-    backward passes, and the optimizer's step hooks do not fire. Not for use
+    The state of every param is allocated when the handle is made (with
+    ``step`` 0), not at its first update. Each backward is one step, so grads
+    cannot be accumulated over several backward passes, and the optimizer's
+    step hooks do not fire. Not for use
     under DistributedDataParallel, whose grads are averaged after this hook.
 
     Example:
@@ -518,5 +525,10 @@ def step_in_backward(model_or_params: Any, optimizer_class: type = AdamW,
     for group in optimizer.param_groups:
         for p in group["params"]:
             if p.requires_grad:
+                # State up front (as a first step would make it): allocated during the
+                # first backward instead, between short-lived grads, it leaves the
+                # allocator's heap fragmented and the freed grads stay resident.
+                if not optimizer.state.get(p):
+                    optimizer.state[p] = _new_state(p, bool(group["amsgrad"]))
                 handle._hooks.append(p.register_post_accumulate_grad_hook(handle._hook))
     return handle
