@@ -258,6 +258,23 @@ def test_options_away_from_default_are_kept_in_groups_and_ignored_by_torch():
     assert ref.param_groups[0]["eps_mode"] == "keras"
 
 
+def test_keras_eps_and_independent_decay_follow_the_float64_reference():
+    torch.manual_seed(3)
+    p = nn.Parameter(torch.randn(257))
+    opt = ct.AdamW([p], lr=1e-2, weight_decay=1e-3, eps=1e-3, eps_mode="keras",
+                   decay_mode="independent")
+    p64, state = p.detach().double().numpy().copy(), {}
+    for step in range(1, 21):
+        p.grad = torch.randn(257)
+        opt.step()
+        adam_step(p64, p.grad.double().numpy(), state, step=step, lr=1e-2, weight_decay=1e-3,
+                  eps=1e-3, decoupled=True, decay_mode="independent", eps_mode="keras")
+    # The eps is large on purpose: with eps=1e-8 the two eps modes agree to rounding.
+    np.testing.assert_allclose(p.detach().numpy(), p64, rtol=1e-5, atol=1e-6)
+    torch_like = ct.AdamW([nn.Parameter(torch.zeros(1))], lr=1e-2, weight_decay=1e-3, eps=1e-3)
+    assert "eps_mode" not in torch_like.param_groups[0]
+
+
 def save_and_load(state_dict):
     buffer = io.BytesIO()
     torch.save(state_dict, buffer)
@@ -586,6 +603,12 @@ def test_a_rejected_param_group_is_not_added():
 def test_unsupported_options_and_bad_hyperparameters_are_rejected(kwargs, error, match):
     with pytest.raises(error, match=match):
         ct.AdamW(make_model().parameters(), **kwargs)
+
+
+def test_decay_mode_needs_decoupled_weight_decay():
+    with pytest.raises(ValueError, match="decay_mode applies to decoupled weight decay only"):
+        ct.Adam(make_model().parameters(), weight_decay=1e-4, decay_mode="independent")
+    ct.Adam(make_model().parameters(), decoupled_weight_decay=True, decay_mode="independent")
 
 
 # --- step in backward ---------------------------------------------------------------------

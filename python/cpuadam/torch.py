@@ -123,6 +123,9 @@ def _check_group(group: dict, where: str) -> None:
         if value not in choices:
             listed = ", ".join(repr(c) for c in choices)
             raise ValueError(f"Invalid {key}{where}: {value!r} (expected one of {listed})")
+    if group.get("decay_mode", "lr") != "lr" and not group["decoupled_weight_decay"]:
+        raise ValueError(f"decay_mode{where} applies to decoupled weight decay only (AdamW, or "
+                         "Adam with decoupled_weight_decay=True)")
 
 
 def _new_state(p: torch.Tensor, amsgrad: bool) -> dict:
@@ -145,7 +148,7 @@ class _AdamBase(Optimizer):
             if value != _EXTRA_DEFAULTS[key]:
                 defaults[key] = value
         _check_group({**_EXTRA_DEFAULTS, **defaults}, "")
-        self._views: dict[torch.Tensor, _Views] = {}
+        self._views: dict[int, _Views] = {}
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict) -> None:
@@ -213,12 +216,14 @@ class _AdamBase(Optimizer):
                      every_param=True)
         return loss
 
-    def _views_of(self, p: torch.Tensor, state: dict, name: str) -> _Views:
+    def _views_of(self, p: torch.Tensor, state: dict, gi: int, pi: int) -> _Views:
         """NumPy views of p and its state, from the cache while they still describe them."""
-        views = self._views.get(p)
+        # Keyed by id: a tensor's own hash is a Python-level call. A recycled id
+        # cannot match, since the cached entry keeps the old state dict alive.
+        views = self._views.get(id(p))
         if (views is None or views.state is not state or views.ptr != p.data_ptr()
                 or views.shape != p.shape or not views.matches(state)):
-            views = _Views(p, state, name)
+            views = _Views(p, state, _param_name(gi, pi))
         return views
 
     def _update(self, targets: list[tuple[int, int, torch.Tensor]],
@@ -250,7 +255,7 @@ class _AdamBase(Optimizer):
                 state = dict(state, max_exp_avg_sq=torch.zeros_like(
                     p, memory_format=torch.preserve_format))
                 fresh_states.append((p, state))
-            views = self._views_of(p, state, _param_name(gi, pi))
+            views = self._views_of(p, state, gi, pi)
             step = int(views.step.item()) + 1
             batch = batches.get((gi, step))
             if batch is None:
@@ -285,7 +290,7 @@ class _AdamBase(Optimizer):
         cache = {} if every_param else self._views
         for p, views, step in used:
             views.step.fill(step)
-            cache[p] = views
+            cache[id(p)] = views
         self._views = cache
         # The kernel writes memory autograd does not see; tell it, as an in-place op would.
         torch.autograd.graph.increment_version([p for p, _, _ in used])
