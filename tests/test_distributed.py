@@ -72,15 +72,19 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         if rank == 0:
             torch.save(model.state_dict(), os.path.join(out_dir, "ddp.pt"))
 
-        model = make_model()
-        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=ct.AdamW, **HPARAMS)
-        train(DistributedDataParallel(model), opt, rank, WORLD)
-        assert isinstance(opt.optim, ct.AdamW)
-        owned = sum(len(g["params"]) for g in opt.optim.param_groups)
-        opt.consolidate_state_dict(to=0)
-        if rank == 0:
-            torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "owned": owned},
-                       os.path.join(out_dir, "zero.pt"))
+        # parameters_as_bucket_view=True swaps each param's memory for a slice of a
+        # flat bucket after the optimizer has been built.
+        for name, bucket_view in (("zero", False), ("zero_bucket_view", True)):
+            model = make_model()
+            opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=ct.AdamW,
+                                          parameters_as_bucket_view=bucket_view, **HPARAMS)
+            train(DistributedDataParallel(model), opt, rank, WORLD)
+            assert isinstance(opt.optim, ct.AdamW)
+            owned = sum(len(g["params"]) for g in opt.optim.param_groups)
+            opt.consolidate_state_dict(to=0)
+            if rank == 0:
+                torch.save({"model": model.state_dict(), "optim": opt.state_dict(),
+                            "owned": owned}, os.path.join(out_dir, name + ".pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -130,8 +134,9 @@ def test_ddp_with_cpuadam_on_two_ranks_matches_one_process(two_ranks):
     assert_same_weights(torch.load(os.path.join(two_ranks, "ddp.pt")), model)
 
 
-def test_zero_sharded_cpuadam_on_two_ranks_matches_one_process(two_ranks):
-    saved = torch.load(os.path.join(two_ranks, "zero.pt"))
+@pytest.mark.parametrize("run", ["zero", "zero_bucket_view"])
+def test_zero_sharded_cpuadam_on_two_ranks_matches_one_process(two_ranks, run):
+    saved = torch.load(os.path.join(two_ranks, run + ".pt"))
     model, opt = single_process()
     n_params = len(list(model.parameters()))
     assert 0 < saved["owned"] < n_params  # the state really was split between the ranks

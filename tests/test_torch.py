@@ -329,6 +329,23 @@ def test_a_checkpoint_with_step_counts_as_numbers_still_loads():
     assert fresh.param_groups[0]["fused"] is None
 
 
+def test_a_checkpoint_with_strided_state_loads_and_training_continues_identically():
+    # torch.save keeps strides; the kernel wants contiguous buffers, so loading copies once.
+    ours_model, ref_model = make_model(), make_model()
+    ours_opt = ct.AdamW(ours_model.parameters(), lr=1e-2)
+    ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=1e-2)
+    data = batches(22)
+    lockstep(ours_model, ours_opt, ref_model, ref_opt, 3, data)
+    ckpt = copy.deepcopy(ref_opt.state_dict())
+    weight = ckpt["state"][1]["exp_avg"]  # fc1.weight's, a matrix
+    ckpt["state"][1]["exp_avg"] = weight.t().contiguous().t()
+    assert not ckpt["state"][1]["exp_avg"].is_contiguous()
+    ours_opt.load_state_dict(save_and_load(ckpt))
+    assert all(t.is_contiguous() for s in ours_opt.state.values() for t in s.values())
+    lockstep(ours_model, ours_opt, ref_model, ref_opt, 5, data)
+    assert_same_training_state(ours_model, ours_opt, ref_model, ref_opt)
+
+
 SCHEDULERS = {
     "LambdaLR": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 0.9 ** s),
     "CosineAnnealingLR": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=10,

@@ -183,7 +183,12 @@ class _AdamBase(Optimizer):
             raise
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's load_state_dict; loaded buffers are made contiguous for the kernel."""
+        """torch's load_state_dict; loaded buffers are made contiguous for the kernel.
+
+        Groups are taken as saved: a checkpoint written with ``capturable=True``
+        (a CUDA-graph setting) loads and the flag is ignored here, while one
+        with ``differentiable=True`` is refused at the next step.
+        """
         super().load_state_dict(state_dict)
         for p_state in self.state.values():
             for key in _STATE_BUFFERS:
