@@ -467,6 +467,29 @@ def test_the_kernel_sees_the_tensors_own_memory(monkeypatch):
                                                        for p in params]
 
 
+def test_memory_swapped_under_a_param_or_its_state_is_what_gets_updated():
+    # Libraries move tensors by assigning .data; the next step must follow.
+    ours_model, ref_model = make_model(), make_model()
+    ours_opt = ct.AdamW(ours_model.parameters(), lr=1e-2)
+    ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=1e-2)
+    data = batches(23)
+    lockstep(ours_model, ours_opt, ref_model, ref_opt, 2, data)
+    for model, opt in ((ours_model, ours_opt), (ref_model, ref_opt)):
+        model.fc1.weight.data = model.fc1.weight.data.clone()
+        exp_avg = opt.state[model.fc2.weight]["exp_avg"]
+        exp_avg.data = exp_avg.data.clone()
+    lockstep(ours_model, ours_opt, ref_model, ref_opt, 2, data)
+    assert_same_training_state(ours_model, ours_opt, ref_model, ref_opt)
+
+
+def test_differentiable_groups_from_a_checkpoint_are_refused_at_the_step():
+    model, opt = trained()
+    ckpt = opt.state_dict()
+    ckpt["param_groups"][0]["differentiable"] = True
+    opt.load_state_dict(ckpt)
+    rejected_step(model, opt, ValueError, "differentiable=True is not supported by cpuadam.torch")
+
+
 def test_a_step_marks_params_modified_for_autograd():
     # As an in-place update would: a graph that saved the old weights must not
     # silently use the new ones.

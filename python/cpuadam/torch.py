@@ -231,6 +231,10 @@ class _AdamBase(Optimizer):
             views = _Views(p, state, _param_name(gi, pi))
         return views
 
+    # Never traced by torch.compile: the NumPy views must stay views of the live
+    # tensors. torch.optim.Optimizer guards its own state_dict and zero_grad the same
+    # way; the wrapper imports torch._dynamo only when first called.
+    @torch._disable_dynamo
     def _update(self, targets: list[tuple[int, int, torch.Tensor]],
                 every_param: bool = False) -> None:
         """One core call over the (group index, index in group, param) targets.
@@ -304,8 +308,8 @@ class _AdamBase(Optimizer):
 class _Views:
     """NumPy arrays over one param and its state tensors (no copies), checked once."""
 
-    __slots__ = ("state", "tensors", "ptr", "shape", "param", "step", "exp_avg", "exp_avg_sq",
-                 "max_exp_avg_sq")
+    __slots__ = ("state", "tensors", "ptrs", "ptr", "shape", "param", "step", "exp_avg",
+                 "exp_avg_sq", "max_exp_avg_sq")
 
     def __init__(self, p: torch.Tensor, state: dict, name: str):
         self.state = state
@@ -323,13 +327,17 @@ class _Views:
         amsgrad_buf = state.get("max_exp_avg_sq")
         self.max_exp_avg_sq = (None if amsgrad_buf is None
                                else _view(amsgrad_buf, f"max_exp_avg_sq of {name}"))
+        self.ptrs = tuple(None if t is None else t.data_ptr() for t in self.tensors)
 
     def matches(self, state: dict) -> bool:
-        # Identity, not equality: a state tensor replaced by another must be viewed afresh.
+        # The same tensor objects over the same memory: a replaced state tensor, or
+        # one whose .data was swapped, must be viewed afresh.
         step, exp_avg, exp_avg_sq, max_exp_avg_sq = self.tensors
         return (state["step"] is step and state["exp_avg"] is exp_avg
                 and state["exp_avg_sq"] is exp_avg_sq
-                and state.get("max_exp_avg_sq") is max_exp_avg_sq)
+                and state.get("max_exp_avg_sq") is max_exp_avg_sq
+                and self.ptrs == (step.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
+                                  None if max_exp_avg_sq is None else max_exp_avg_sq.data_ptr()))
 
 
 _MATH = r"""
