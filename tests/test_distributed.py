@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: MIT
-"""Scale-out: DDP and ZeroRedundancyOptimizer over cpuadam.torch.AdamW on 2 gloo ranks vs 1 process."""
+"""Scale-out: DDP and ZeroRedundancyOptimizer with cpuadam.torch.AdamW, 2 gloo ranks vs 1."""
 
 from __future__ import annotations
 

@@ -286,7 +286,8 @@ def save_and_load(state_dict):
 @pytest.mark.parametrize("pair", PAIRS)
 def test_checkpoints_load_across_and_training_continues_identically(direction, pair):
     ours_cls, ref_cls = PAIRS[pair]
-    writer_cls, reader_cls = (ref_cls, ours_cls) if direction == "torch_to_cpuadam" else (ours_cls, ref_cls)
+    to_cpuadam = direction == "torch_to_cpuadam"
+    writer_cls, reader_cls = (ref_cls, ours_cls) if to_cpuadam else (ours_cls, ref_cls)
     kwargs = {"lr": 1e-2, "weight_decay": 0.05, "amsgrad": True}
     model = make_model()
     writer = writer_cls(model.parameters(), **kwargs)
@@ -304,7 +305,7 @@ def test_checkpoints_load_across_and_training_continues_identically(direction, p
     reader = reader_cls(resumed.parameters(), lr=0.5, weight_decay=0.0)
     reader.load_state_dict(opt_ckpt)
     assert reader.param_groups[0]["lr"] == 1e-2
-    if direction == "torch_to_cpuadam":
+    if to_cpuadam:
         lockstep(resumed, reader, model, writer, 20, data)
         assert_same_training_state(resumed, reader, model, writer)
     else:
@@ -637,7 +638,8 @@ def test_a_rejected_param_group_is_not_added():
     ({"betas": (0.9, 1.0)}, ValueError, "Invalid beta parameter at index 1: 1.0"),
     ({"eps": -1.0}, ValueError, "Invalid epsilon value: -1.0"),
     ({"weight_decay": -0.1}, ValueError, "Invalid weight_decay value: -0.1"),
-    ({"eps_mode": "tf"}, ValueError, r"Invalid eps_mode: 'tf' \(expected one of 'torch', 'keras'\)"),
+    ({"eps_mode": "tf"}, ValueError,
+     r"Invalid eps_mode: 'tf' \(expected one of 'torch', 'keras'\)"),
     ({"decay_mode": "l2"}, ValueError, "Invalid decay_mode: 'l2'"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_unsupported_options_and_bad_hyperparameters_are_rejected(kwargs, error, match):

@@ -368,7 +368,8 @@ _MATH = r"""
 
 class Adam(_AdamBase):
     __doc__ = """Adam (L2 weight decay) as torch.optim.Adam, stepped by cpuadam's fused kernel.
-""" + _MATH.format(decay="g  = g + weight_decay * p        (decoupled_weight_decay=True: as AdamW)") + """
+""" + _MATH.format(
+        decay="g  = g + weight_decay * p        (decoupled_weight_decay=True: as AdamW)") + """
     Args:
         params, lr, betas, eps, weight_decay, amsgrad, foreach, maximize,
         capturable, differentiable, fused, decoupled_weight_decay: as
@@ -406,8 +407,10 @@ class Adam(_AdamBase):
 
 
 class AdamW(Adam):
-    __doc__ = """AdamW (decoupled weight decay) as torch.optim.AdamW, stepped by cpuadam's fused kernel.
-""" + _MATH.format(decay="p  = p * (1 - lr * weight_decay)   (decay_mode='independent': 1 - weight_decay)") + """
+    __doc__ = """AdamW (decoupled weight decay) as torch.optim.AdamW, by cpuadam's fused kernel.
+""" + _MATH.format(
+        decay="p  = p * (1 - lr * weight_decay)   "
+              "(decay_mode='independent': 1 - weight_decay)") + """
     Args:
         params, lr, betas, eps, weight_decay, amsgrad, maximize, foreach,
             capturable, differentiable, fused: as torch.optim.AdamW
