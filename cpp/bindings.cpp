@@ -277,7 +277,33 @@ struct Batch {
   StepArgs args;
   double base_scale = 1.0;  // maximize's sign times grad_scale
   double clipnorm = 0.0;    // 0: no per-tensor clipping
+  // One-element float32/float64 arrays (torch's per-param 'step' tensors) that
+  // receive the batch's step count once the update is applied.
+  std::vector<py::array> step_buffers;
+  std::vector<void*> step_ptrs;  // their data, taken while the GIL is held
+  int64_t step = 0;
 };
+
+std::vector<py::array> check_step_buffers(const py::dict& d, const std::string& in_group) {
+  std::vector<py::array> out;
+  if (!d.contains("step_buffers") || d["step_buffers"].is_none()) return out;
+  py::sequence seq = as_list(d["step_buffers"], "step_buffers");
+  out.reserve(seq.size());
+  for (size_t i = 0; i < seq.size(); ++i) {
+    py::handle h = seq[i];
+    const std::string name = "step_buffers[" + std::to_string(i) + "]" + in_group;
+    if (!py::isinstance<py::array>(h)) throw py::type_error(name + ": expected a numpy.ndarray");
+    py::array a = py::reinterpret_borrow<py::array>(h);
+    const int type_num =
+        py::detail::array_descriptor_proxy(py::detail::array_proxy(a.ptr())->descr)->type_num;
+    if (type_num != py::detail::npy_api::NPY_FLOAT_ && type_num != py::detail::npy_api::NPY_DOUBLE_)
+      throw py::type_error(name + ": expected a float32 or float64 array");
+    if (a.size() != 1 || !a.writeable() || !(a.flags() & py::array::c_style))
+      throw py::value_error(name + ": expected a writeable array of one element");
+    out.push_back(std::move(a));
+  }
+  return out;
+}
 
 Batch make_batch(const py::dict& d, Optim optim) {
   const int group = get_or<int>(d, "group", 0);
@@ -360,6 +386,11 @@ Batch make_batch(const py::dict& d, Optim optim) {
     lists.push_back({"emas", "ema", &TensorSpan::ema});
   }
   b.buffers = validate(d, lists, Namer{group, get_or<std::vector<int64_t>>(d, "indices", {})});
+  if (optim == Optim::Adam) {
+    b.step = get_or<int64_t>(d, "step", 0);
+    b.step_buffers = check_step_buffers(d, in_group);
+    for (py::array& a : b.step_buffers) b.step_ptrs.push_back(a.mutable_data());
+  }
   return b;
 }
 
@@ -468,6 +499,13 @@ py::dict run_step(py::handle batches_obj, Optim optim, py::object global_clipnor
         if (b.buffers.offsets.back() == 0) continue;
         ran = (optim == Optim::Adam ? table.adam_step(b.args) : table.sgd_step(b.args)) && ran;
       }
+      for (const Batch& b : batches)
+        for (size_t i = 0; i < b.step_ptrs.size(); ++i) {
+          if (b.step_buffers[i].itemsize() == 4)
+            *static_cast<float*>(b.step_ptrs[i]) = static_cast<float>(b.step);
+          else
+            *static_cast<double*>(b.step_ptrs[i]) = static_cast<double>(b.step);
+        }
     }
   }
   if (!ran) throw py::type_error("no kernel for these dtypes in level " + std::string(table.level));

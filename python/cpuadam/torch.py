@@ -149,11 +149,13 @@ class _AdamBase(Optimizer):
                 defaults[key] = value
         _check_group({**_EXTRA_DEFAULTS, **defaults}, "")
         self._views: dict[int, _Views] = {}
+        self._plan: _Plan | None = None
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._views = {}
+        self._plan = None
         # Checkpoints written by older torch releases lack some keys or keep 'step' as a number.
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
@@ -171,6 +173,7 @@ class _AdamBase(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         """torch's add_param_group, then cpuadam's checks; a rejected group is not added."""
         super().add_param_group(param_group)
+        self._plan = None
         index = len(self.param_groups) - 1
         group = self.param_groups[index]
         try:
@@ -190,6 +193,7 @@ class _AdamBase(Optimizer):
         with ``differentiable=True`` is refused at the next step.
         """
         super().load_state_dict(state_dict)
+        self._plan = None
         for p_state in self.state.values():
             for key in _STATE_BUFFERS:
                 buf = p_state.get(key)
@@ -216,10 +220,49 @@ class _AdamBase(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._update([(gi, pi, p) for gi, group in enumerate(self.param_groups)
-                      for pi, p in enumerate(group["params"]) if p.grad is not None],
-                     every_param=True)
+        key = self._plan_key()
+        if self._plan is None or self._plan.key != key or not self._step_planned(self._plan):
+            self._update([(gi, pi, p) for gi, group in enumerate(self.param_groups)
+                          for pi, p in enumerate(group["params"]) if p.grad is not None],
+                         every_param=True, plan_key=key)
         return loss
+
+    def _plan_key(self) -> tuple:
+        return (tuple(p.grad is None for group in self.param_groups for p in group["params"]),
+                tuple((id(g["params"]), len(g["params"]), bool(g["amsgrad"]))
+                      for g in self.param_groups))
+
+    @torch._disable_dynamo
+    def _step_planned(self, plan: "_Plan") -> bool:
+        """The step along a plan made by an earlier step: the same params, grads
+        present, step counts and memory. Returns False, having changed nothing,
+        when anything differs or is not plainly valid; the checked path then
+        takes over and names any problem."""
+        batches = []
+        for pb in plan.batches:
+            group = self.param_groups[pb.group]
+            if group.get("differentiable"):
+                return False
+            try:
+                grads = [p.grad.numpy() for p in pb.tensors]
+            except (RuntimeError, TypeError):  # a grad needing detach, sparse, or off the CPU
+                return False
+            if [t.data_ptr() for t in pb.watched] != pb.ptrs:
+                return False  # .data of a param or state tensor was swapped
+            batch = _batch_scalars(group, pb.group, pb.step + 1)
+            batch.update(pb.buffers)
+            batch["grads"] = grads
+            batches.append(batch)
+        # The core also writes each param's new count into its 'step' tensor.
+        try:
+            _core.adam_step(batches)
+        except (TypeError, ValueError):
+            return False  # rejected before any write; the checked path words the error
+
+        for pb in plan.batches:
+            pb.step += 1
+        torch.autograd.graph.increment_version(plan.params)
+        return True
 
     def _views_of(self, p: torch.Tensor, state: dict, gi: int, pi: int) -> _Views:
         """NumPy views of p and its state, from the cache while they still describe them."""
@@ -236,13 +279,14 @@ class _AdamBase(Optimizer):
     # way; the wrapper imports torch._dynamo only when first called.
     @torch._disable_dynamo
     def _update(self, targets: list[tuple[int, int, torch.Tensor]],
-                every_param: bool = False) -> None:
+                every_param: bool = False, plan_key: tuple | None = None) -> None:
         """One core call over the (group index, index in group, param) targets.
 
         Checks everything first; state, step counts and caches change only
         after the kernel has succeeded.
         """
         batches: dict[tuple[int, int], dict] = {}
+        members: dict[tuple[int, int], list] = {}
         fresh_states = []
         used = []
         for gi, pi, p in targets:
@@ -271,17 +315,9 @@ class _AdamBase(Optimizer):
                 if group.get("differentiable"):
                     raise ValueError("differentiable=True is not supported by cpuadam.torch "
                                      f"in group {gi}")
-                beta1, beta2 = group["betas"]
                 batch = batches[(gi, step)] = {
                     "params": [], "grads": [], "exp_avgs": [], "exp_avg_sqs": [],
-                    "max_exp_avg_sqs": [], "indices": [], "group": gi, "step": step,
-                    "lr": float(group["lr"]), "beta1": float(beta1), "beta2": float(beta2),
-                    "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"]),
-                    "amsgrad": amsgrad, "maximize": bool(group["maximize"]),
-                    "decoupled": bool(group["decoupled_weight_decay"]),
-                    "decay_mode": group.get("decay_mode", "lr"),
-                    "eps_mode": group.get("eps_mode", "torch"),
-                }
+                    "max_exp_avg_sqs": [], "indices": [], **_batch_scalars(group, gi, step)}
             batch["params"].append(views.param)
             batch["grads"].append(grad.numpy() if not grad.requires_grad
                                   else grad.detach().numpy())
@@ -291,6 +327,7 @@ class _AdamBase(Optimizer):
                 batch["max_exp_avg_sqs"].append(views.max_exp_avg_sq)
             batch["indices"].append(pi)
             used.append((p, views, step))
+            members.setdefault((gi, step), []).append((p, views))
         if not used:
             return
         _core.adam_step(list(batches.values()))
@@ -303,6 +340,55 @@ class _AdamBase(Optimizer):
         self._views = cache
         # The kernel writes memory autograd does not see; tell it, as an in-place op would.
         torch.autograd.graph.increment_version([p for p, _, _ in used])
+        # A step that created no state can be repeated along the same plan.
+        self._plan = None
+        if plan_key is not None and not fresh_states:
+            self._plan = _Plan(plan_key, batches, members)
+
+
+def _batch_scalars(group: dict, gi: int, step: int) -> dict:
+    beta1, beta2 = group["betas"]
+    return {"group": gi, "step": step, "lr": float(group["lr"]), "beta1": float(beta1),
+            "beta2": float(beta2), "eps": float(group["eps"]),
+            "weight_decay": float(group["weight_decay"]), "amsgrad": bool(group["amsgrad"]),
+            "maximize": bool(group["maximize"]),
+            "decoupled": bool(group["decoupled_weight_decay"]),
+            "decay_mode": group.get("decay_mode", "lr"),
+            "eps_mode": group.get("eps_mode", "torch")}
+
+
+class _PlannedBatch:
+    """One core batch as the last step built it: its tensors, their views and
+    the addresses those views were made over."""
+
+    __slots__ = ("group", "step", "tensors", "buffers", "watched", "ptrs")
+
+    def __init__(self, batch: dict, tensors: list, watched: list, step_views: list):
+        self.group = batch["group"]
+        self.step = batch["step"]
+        self.tensors = tensors
+        self.buffers = {k: batch[k] for k in ("params", "exp_avgs", "exp_avg_sqs",
+                                               "max_exp_avg_sqs", "indices")}
+        self.buffers["step_buffers"] = step_views
+        self.watched = watched
+        self.ptrs = [t.data_ptr() for t in watched]
+
+
+class _Plan:
+    """What the last step did, reusable while the params with grads, their
+    step counts and their memory stay the same."""
+
+    def __init__(self, key: tuple, batches: dict, members_of: dict):
+        self.key = key
+        self.batches = []
+        self.params = []
+        for k, batch in batches.items():
+            members = members_of[k]
+            tensors = [p for p, _ in members]
+            # Every tensor a view was made over, 'step' included.
+            watched = tensors + [t for _, v in members for t in v.tensors if t is not None]
+            self.batches.append(_PlannedBatch(batch, tensors, watched, [v.step for _, v in members]))
+            self.params.extend(tensors)
 
 
 class _Views:
