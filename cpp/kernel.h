@@ -158,14 +158,17 @@ inline double block_sum_squares(const G* __restrict grad, const G* __restrict gr
 }
 
 // Roofline proxy: the step's memory traffic (read p, g, m, v; write p, m, v)
-// with one add per written element.
+// with one add per written element. Every load comes before the first store,
+// as in adam_range: a load issued after a store to an address with the same
+// low 12 bits (page-aligned buffers) can stall on a false dependency.
 inline void stream_range(float* __restrict param, const float* __restrict grad,
                          float* __restrict exp_avg, float* __restrict exp_avg_sq, int64_t n) {
 #pragma GCC ivdep
   for (int64_t i = 0; i < n; ++i) {
-    float g = grad[i];
-    exp_avg[i] += g;
-    exp_avg_sq[i] += g;
-    param[i] += g;
+    const float g = grad[i], p = param[i];
+    const float m = exp_avg[i] + g, v = exp_avg_sq[i] + g;
+    param[i] = p + g;
+    exp_avg[i] = m;
+    exp_avg_sq[i] = v;
   }
 }

@@ -807,3 +807,47 @@ def test_add_param_group_rejects_a_param_already_optimized():
 def test_constructor_rejects_malformed_params(params, exc, message):
     with pytest.raises(exc, match=message):
         cpuadam.AdamW(params)
+
+
+# --------------------------------------------------------------------------
+# step_buffers: one-element arrays (torch's 'step' tensors) the core writes the
+# batch's step count into after an applied update.
+
+
+def test_step_buffers_receive_the_step_count_of_their_batch():
+    batches = core_batches()
+    steps = [[np.zeros((), np.float32), np.zeros(1, np.float64)] for _ in batches]
+    for b, s in zip(batches, steps):
+        b["step_buffers"] = s
+    batches[1]["step"] = 7
+    _core.adam_step(batches)
+    assert [float(a.reshape(-1)[0]) for s in steps for a in s] == [3.0, 3.0, 7.0, 7.0]
+
+
+@pytest.mark.parametrize(("bad", "exc", "message"), [
+    (np.zeros((), np.int32), TypeError, r"^step_buffers\[1\] in group 1: expected a float32 or float64 array$"),
+    (np.zeros(2, np.float32), ValueError, r"^step_buffers\[1\] in group 1: expected a writeable array of one element$"),
+    (read_only_like(np.zeros((), np.float32)), ValueError,
+     r"^step_buffers\[1\] in group 1: expected a writeable array of one element$"),
+    ([0.0], TypeError, r"^step_buffers\[1\] in group 1: expected a numpy.ndarray$"),
+], ids=["int32", "two-elements", "read-only", "not-an-array"])
+def test_a_bad_step_buffer_is_rejected_and_nothing_is_written(bad, exc, message):
+    batches = core_batches()
+    for b in batches:
+        b["step_buffers"] = [np.full((), 5.0, np.float32), np.full((), 5.0, np.float32)]
+    batches[1]["step_buffers"][1] = bad
+    before = snapshot_bytes(batches)
+    with pytest.raises(exc, match=message):
+        _core.adam_step(batches)
+    assert snapshot_bytes(batches) == before
+
+
+def test_step_buffers_are_left_alone_by_a_skipped_step():
+    batches = core_batches()
+    batches[0]["grads"][0][0] = np.inf
+    for b in batches:
+        b["step_buffers"] = [np.full((), 5.0, np.float32)]
+    before = snapshot_bytes(batches)
+    result = _core.adam_step(batches, skip_nonfinite=True)
+    assert result["applied"] is False
+    assert snapshot_bytes(batches) == before

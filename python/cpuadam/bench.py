@@ -84,8 +84,15 @@ IMPLS = (
     Impl("deepspeed", "DeepSpeedCPUAdam", "ds"),
     Impl("numpy", "NumPy AdamW (in-place ufuncs)", "numpy"),
     Impl("roofline", "roofline proxy (stream_pass)", "roofline"),
+    # Opt-in rows (not in the default list): the cost of the training features.
+    Impl("cpuadam+clip", "cpuadam.AdamW, global_clipnorm=1", "+clip"),
+    Impl("cpuadam+clip+ema", "cpuadam.AdamW, global_clipnorm=1, use_ema", "+clip+ema"),
 )
 _IMPL_BY_KEY = {impl.key: impl for impl in IMPLS}
+_OPT_IN_IMPLS = ("cpuadam+clip", "cpuadam+clip+ema")
+# The cpuadam.AdamW rows and the options each turns on.
+_CLASS_FEATURES = {"cpuadam": {}, "cpuadam+clip": {"global_clipnorm": 1.0},
+                   "cpuadam+clip+ema": {"global_clipnorm": 1.0, "use_ema": True}}
 _TORCH_IMPLS = ("cpuadam.torch", "torch-fused", "torch-foreach", "torch-forloop", "deepspeed")
 
 
@@ -312,13 +319,16 @@ def _torch_state(bufs: Buffers, i: int, step) -> dict:
 def _prepare(key: str, bufs: Buffers) -> Callable[[], None]:
     """Builds one implementation over the shared buffers; returns its zero-argument step."""
     amsgrad = bufs.workload.amsgrad
-    if key == "cpuadam":
+    if key in _CLASS_FEATURES:
+        features = _CLASS_FEATURES[key]
         opt = cpuadam.AdamW(bufs.params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
-                            amsgrad=amsgrad)
+                            amsgrad=amsgrad, **features)
         for i in range(len(bufs.params)):
             state = {"step": 0, "exp_avg": bufs.exp_avgs[i], "exp_avg_sq": bufs.exp_avg_sqs[i]}
             if amsgrad:
                 state["max_exp_avg_sq"] = bufs.max_exp_avg_sqs[i]
+            if features.get("use_ema"):
+                state["ema"] = bufs.params[i].copy()
             opt.state[i] = state
         grads = bufs.grads
         return lambda: opt.step(grads)
@@ -845,7 +855,8 @@ def _parse_args(argv) -> argparse.Namespace:
                         help="comma-separated thread counts; 'all' = every available CPU, "
                              "'pow2' = 1, 2, 4, ... and all (default 1,all)")
     parser.add_argument("--impls", metavar="LIST",
-                        help=f"comma-separated implementations (default all available): {','.join(_IMPL_BY_KEY)}")
+                        help="comma-separated implementations (default all available but the "
+                             f"opt-in {','.join(_OPT_IN_IMPLS)}): {','.join(_IMPL_BY_KEY)}")
     parser.add_argument("--rounds", type=int, default=None,
                         help="timed interleaved steps per implementation (default 15; 6 with --quick)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 3; 1 with --quick)")
@@ -864,7 +875,8 @@ def _parse_args(argv) -> argparse.Namespace:
     if not args.workloads:
         parser.error("--sizes names no workload")
     args.threads = args.threads or _parse_threads("1,all")
-    args.impls = [k.strip() for k in args.impls.split(",") if k.strip()] if args.impls else list(_IMPL_BY_KEY)
+    args.impls = ([k.strip() for k in args.impls.split(",") if k.strip()] if args.impls
+                  else [k for k in _IMPL_BY_KEY if k not in _OPT_IN_IMPLS])
     unknown = [k for k in args.impls if k not in _IMPL_BY_KEY]
     if unknown:
         parser.error(f"unknown implementation(s) {', '.join(unknown)}; choose from {', '.join(_IMPL_BY_KEY)}")
