@@ -105,7 +105,32 @@ class Constant(Schedule):
 
 
 @dataclass(frozen=True, repr=False)
-class LinearWarmupDecay(Schedule):
+class _WarmupThenDecay(Schedule):
+    """Linear warmup to ``peak_lr`` over W steps, a decay to ``end_lr`` by step
+    T shaped by ``_weight`` (1 at W, 0 at T), then ``end_lr``."""
+
+    peak_lr: float
+    warmup_steps: int
+    total_steps: int
+    end_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        _init_warmup_fields(self)
+
+    def _weight(self, step: int, w: int, t: int) -> float:
+        raise NotImplementedError
+
+    def _lr(self, step: int) -> float:
+        w, t = self.warmup_steps, self.total_steps
+        if step <= w:
+            return self.peak_lr * (step / w)
+        if step >= t:
+            return self.end_lr
+        return self.end_lr + (self.peak_lr - self.end_lr) * self._weight(step, w, t)
+
+
+@dataclass(frozen=True, repr=False)
+class LinearWarmupDecay(_WarmupThenDecay):
     """Linear warmup to ``peak_lr``, linear decay to ``end_lr``, then ``end_lr``.
 
     With W = warmup_steps and T = total_steps::
@@ -120,26 +145,14 @@ class LinearWarmupDecay(Schedule):
     starts from peak_lr at step 0, so step 1 is already one step down.
     """
 
-    peak_lr: float
-    warmup_steps: int
-    total_steps: int
-    end_lr: float = 0.0
     _factory = "linear_warmup_decay"
 
-    def __post_init__(self) -> None:
-        _init_warmup_fields(self)
-
-    def _lr(self, step: int) -> float:
-        w, t = self.warmup_steps, self.total_steps
-        if step <= w:
-            return self.peak_lr * (step / w)
-        if step >= t:
-            return self.end_lr
-        return self.end_lr + (self.peak_lr - self.end_lr) * (t - step) / (t - w)
+    def _weight(self, step: int, w: int, t: int) -> float:
+        return (t - step) / (t - w)
 
 
 @dataclass(frozen=True, repr=False)
-class Cosine(Schedule):
+class Cosine(_WarmupThenDecay):
     """Linear warmup to ``peak_lr``, half a cosine down to ``end_lr``, then ``end_lr``.
 
     With W = warmup_steps and T = total_steps::
@@ -153,24 +166,10 @@ class Cosine(Schedule):
     eta_min=end_lr)`` started at ``peak_lr``, its epoch e being step W + e.
     """
 
-    peak_lr: float
-    warmup_steps: int
-    total_steps: int
-    end_lr: float = 0.0
     _factory = "cosine"
 
-    def __post_init__(self) -> None:
-        _init_warmup_fields(self)
-
-    def _lr(self, step: int) -> float:
-        w, t = self.warmup_steps, self.total_steps
-        if step <= w:
-            return self.peak_lr * (step / w)
-        if step >= t:
-            return self.end_lr
-        progress = (step - w) / (t - w)
-        weight = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return self.end_lr + (self.peak_lr - self.end_lr) * weight
+    def _weight(self, step: int, w: int, t: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * ((step - w) / (t - w))))
 
 
 @dataclass(frozen=True, repr=False)
