@@ -62,6 +62,21 @@ void parallel_pieces(const TensorSpan* tensors, const int64_t* offsets, int64_t 
   }
 }
 
+// Runs fn(first, n) over [first, first + count) as at most two runs, the
+// second starting where `base` (elements of `elem` bytes) is 64-byte aligned:
+// a vector that straddles two cache lines costs two accesses. Buffers whose
+// addresses agree modulo 64 (the optimizers allocate their state that way)
+// are then all aligned together. The per-element math is the same either way.
+template <typename Fn>
+void aligned_runs(const void* base, int64_t elem, int64_t first, int64_t count, Fn&& fn) {
+  constexpr uintptr_t kLine = 64;
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(first * elem);
+  int64_t head = static_cast<int64_t>((kLine - addr % kLine) % kLine) / elem;
+  if (head > count) head = count;
+  if (head > 0) fn(first, head);
+  if (count > head) fn(first + head, count - head);
+}
+
 template <typename T>
 T* at(void* base, int64_t first) {
   return base == nullptr ? nullptr : static_cast<T*>(base) + first;
@@ -78,12 +93,15 @@ void adam_typed(const StepArgs& a) {
     with_accumulate_ema(a, [&](auto accumulate, auto ema) {
       auto run = [&](auto amsgrad) {
         parallel_pieces(a.tensors, a.offsets, a.num_tensors, a.num_threads,
-                        [&](const TensorSpan& s, int64_t first, int64_t count) {
-                          adam_range<decay.value, amsgrad.value, accumulate.value, ema.value>(
-                              at<P>(s.param, first), at<G>(s.grad, first),
-                              at<S>(s.exp_avg, first), at<S>(s.exp_avg_sq, first),
-                              at<S>(s.max_exp_avg_sq, first), at<G>(s.grad_accum, first),
-                              at<P>(s.ema, first), count, s.grad_scale, a.scalars);
+                        [&](const TensorSpan& s, int64_t piece_first, int64_t piece_count) {
+                          aligned_runs(s.param, sizeof(P), piece_first, piece_count,
+                                       [&](int64_t first, int64_t count) {
+                            adam_range<decay.value, amsgrad.value, accumulate.value, ema.value>(
+                                at<P>(s.param, first), at<G>(s.grad, first),
+                                at<S>(s.exp_avg, first), at<S>(s.exp_avg_sq, first),
+                                at<S>(s.max_exp_avg_sq, first), at<G>(s.grad_accum, first),
+                                at<P>(s.ema, first), count, s.grad_scale, a.scalars);
+                          });
                         });
       };
       if (a.amsgrad == Amsgrad::On) run(Flag<Amsgrad::On>{}); else run(Flag<Amsgrad::Off>{});
@@ -99,12 +117,15 @@ void sgd_typed(const StepArgs& a) {
       with_accumulate_ema(a, [&](auto accumulate, auto ema) {
         auto run = [&](auto momentum, auto nesterov) {
           parallel_pieces(a.tensors, a.offsets, a.num_tensors, a.num_threads,
-                          [&](const TensorSpan& s, int64_t first, int64_t count) {
-                            sgd_range<decay.value, momentum.value, nesterov.value,
-                                      accumulate.value, ema.value>(
-                                at<P>(s.param, first), at<G>(s.grad, first),
-                                at<S>(s.exp_avg, first), at<G>(s.grad_accum, first),
-                                at<P>(s.ema, first), count, s.grad_scale, a.scalars);
+                          [&](const TensorSpan& s, int64_t piece_first, int64_t piece_count) {
+                            aligned_runs(s.param, sizeof(P), piece_first, piece_count,
+                                         [&](int64_t first, int64_t count) {
+                              sgd_range<decay.value, momentum.value, nesterov.value,
+                                        accumulate.value, ema.value>(
+                                  at<P>(s.param, first), at<G>(s.grad, first),
+                                  at<S>(s.exp_avg, first), at<G>(s.grad_accum, first),
+                                  at<P>(s.ema, first), count, s.grad_scale, a.scalars);
+                            });
                           });
         };
         const bool nesterov = a.nesterov == Nesterov::On;
@@ -142,8 +163,12 @@ bool sgd_step(const StepArgs& a) {
 bool accumulate(const StepArgs& a) {
   if (a.grad_dtype != DType::Float32) return false;
   parallel_pieces(a.tensors, a.offsets, a.num_tensors, a.num_threads,
-                  [&](const TensorSpan& s, int64_t first, int64_t count) {
-                    accumulate_range(at<float>(s.grad, first), at<float>(s.grad_accum, first), count);
+                  [&](const TensorSpan& s, int64_t piece_first, int64_t piece_count) {
+                    aligned_runs(s.grad_accum, sizeof(float), piece_first, piece_count,
+                                 [&](int64_t first, int64_t count) {
+                      accumulate_range(at<float>(s.grad, first), at<float>(s.grad_accum, first),
+                                       count);
+                    });
                   });
   return true;
 }
@@ -172,9 +197,13 @@ bool sum_squares(const NormArgs& a) {
 
 void stream_pass(const StepArgs& a) {
   parallel_pieces(a.tensors, a.offsets, a.num_tensors, a.num_threads,
-                  [&](const TensorSpan& s, int64_t first, int64_t count) {
-                    stream_range(at<float>(s.param, first), at<float>(s.grad, first),
-                                 at<float>(s.exp_avg, first), at<float>(s.exp_avg_sq, first), count);
+                  [&](const TensorSpan& s, int64_t piece_first, int64_t piece_count) {
+                    aligned_runs(s.param, sizeof(float), piece_first, piece_count,
+                                 [&](int64_t first, int64_t count) {
+                      stream_range(at<float>(s.param, first), at<float>(s.grad, first),
+                                   at<float>(s.exp_avg, first), at<float>(s.exp_avg_sq, first),
+                                   count);
+                    });
                   });
 }
 

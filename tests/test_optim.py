@@ -501,3 +501,20 @@ def test_docstring_examples_run_as_written():
     assert {"cpuadam.optim.Adam", "cpuadam.optim.AdamW"} <= with_examples
     results = doctest.testmod(cpuadam.optim, optionflags=doctest.ELLIPSIS, verbose=False)
     assert results.failed == 0 and results.attempted > 0
+
+
+def test_state_buffers_share_the_params_offset_within_a_cache_line():
+    # The core peels each run to a 64-byte line of the param; state allocated at
+    # the same offset is then aligned with it (see _groups.buffer_like).
+    raw = np.zeros(4 * 100 + 64, dtype=np.uint8)
+    start = (20 - raw.__array_interface__["data"][0]) % 64  # a param 20 bytes into a line
+    params = [np.ones(100, dtype=np.float32), raw[start:start + 4 * 100].view(np.float32)]
+    opt = cpuadam.AdamW(params, amsgrad=True, use_ema=True, gradient_accumulation_steps=2)
+    for _ in range(2):
+        opt.step([np.ones_like(p) for p in params])
+    for i, p in enumerate(params):
+        offset = p.__array_interface__["data"][0] % 64
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "ema", "grad_accum"):
+            buf = opt.state[i][key]
+            assert buf.__array_interface__["data"][0] % 64 == offset, (i, key)
+            assert buf.flags.c_contiguous and buf.flags.writeable and buf.shape == p.shape

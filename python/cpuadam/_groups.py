@@ -99,3 +99,18 @@ def check_disjoint(arrays: Iterable[tuple[str, np.ndarray]]) -> None:
         if lo1 < hi0:
             raise ValueError(f"{n1} shares memory with {n0}; each param must be its own buffer "
                              "(the same array twice, or overlapping views, cannot be optimized)")
+
+
+def buffer_like(p: np.ndarray, fill: np.ndarray | float = 0.0) -> np.ndarray:
+    """A new C-contiguous array of p's shape and dtype whose address agrees
+    with p's modulo 64, filled with ``fill`` (a value or an array to copy).
+
+    The core aligns each run of a tensor to a 64-byte line of the param; state
+    buffers that share the param's offset within a line are then aligned too,
+    and no vector load or store straddles two cache lines.
+    """
+    raw = np.empty(p.nbytes + 64, dtype=np.uint8)
+    start = (p.__array_interface__["data"][0] - raw.__array_interface__["data"][0]) % 64
+    out = raw[start:start + p.nbytes].view(p.dtype).reshape(p.shape)
+    out[...] = fill
+    return out

@@ -12,6 +12,7 @@ import numpy as np
 
 from cpuadam import _core
 from cpuadam._groups import (
+    buffer_like,
     check_choice,
     check_disjoint,
     check_param_array,
@@ -210,7 +211,7 @@ class Optimizer:
             if arr.shape != param.shape:
                 raise ValueError(f"loaded state '{key}' for param {index} has shape {arr.shape}, "
                                  f"expected {param.shape}")
-            out[key] = np.array(arr, dtype=param.dtype, order="C", copy=True)
+            out[key] = buffer_like(param, arr)
         return out
 
 
@@ -377,7 +378,7 @@ class _FusedOptimizer(Optimizer):
                     continue
                 acc = self.state.get(key, {}).get("grad_accum")
                 if acc is None:
-                    acc = np.zeros_like(p)
+                    acc = buffer_like(p)
                     fresh.append((key, acc))
                 batch["grads"].append(g)
                 batch["grad_accums"].append(acc)
@@ -479,7 +480,7 @@ class _FusedOptimizer(Optimizer):
                 if g is None:
                     if self.use_ema:
                         if state is None or "ema" not in state:
-                            pending[flat] = dict(state or self._new_state(), ema=p.copy())
+                            pending[flat] = dict(state or self._new_state(), ema=buffer_like(p, p))
                         plan.ema_only.append(flat)
                     if accumulating and state is not None and "grad_accum" in state:
                         plan.accumulators_left.append(flat)
@@ -495,7 +496,7 @@ class _FusedOptimizer(Optimizer):
                     for sk in missing:
                         # A new average starts at the param; the first update's
                         # momentum of 0 makes it a copy either way.
-                        state[sk] = p.copy() if sk == "ema" else np.zeros_like(p)
+                        state[sk] = buffer_like(p, p) if sk == "ema" else buffer_like(p)
                     pending[flat] = state
                 decays = bool(group["decay_mask"][pi])
                 bkey = (self._batch_key(state, bool(new_buffers)), decays)
