@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: MIT
-"""torch.optim drop-ins (Adam, AdamW) whose step is one fused cpuadam call over zero-copy views."""
+"""torch.optim drop-ins (Adam, AdamW, SGD) stepped by one fused cpuadam call over NumPy views."""
 
 from __future__ import annotations
 
@@ -11,14 +11,13 @@ from torch.optim import Optimizer
 
 from cpuadam import _core
 
-__all__ = ["Adam", "AdamW", "StepInBackward", "step_in_backward"]
+__all__ = ["Adam", "AdamW", "SGD", "StepInBackward", "step_in_backward"]
 
 _EPS_MODES = ("torch", "keras")
 _DECAY_MODES = ("lr", "independent")
 # Our options live in a param group only when set away from their default, so that
 # by default a group has exactly torch's keys and checkpoints interchange unchanged.
 _EXTRA_DEFAULTS = {"eps_mode": "torch", "decay_mode": "lr"}
-_STATE_BUFFERS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
 def _param_name(group: int, index: int) -> str:
@@ -90,19 +89,29 @@ def _check_disjoint(groups: list[dict]) -> None:
                              "into one another); each optimized param must be its own buffer")
 
 
-def _check_real(value: Any, name: str, high: float = math.inf) -> None:
-    """torch.optim's hyperparameter checks: 0 <= value (< high), with its messages."""
+def _check_real(value: Any, name: str, high: float = math.inf, low: float = 0.0) -> None:
+    """torch.optim's hyperparameter checks: low <= value (< high), with its messages."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"Tensor {name} must be 1-element")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"Invalid {name}: expected a real number, got {type(value).__name__}")
-    if not (0.0 <= value < high) or math.isinf(value):
+    if not (low <= value < high) or math.isinf(value):
         raise ValueError(f"Invalid {name}: {value}")
 
 
-def _check_group(group: dict, where: str) -> None:
+def _check_flags(group: dict, where: str) -> None:
+    """Refuses the torch options the fused CPU step cannot honour."""
+    for key in ("capturable", "differentiable"):
+        if group.get(key):
+            raise ValueError(f"{key}=True is not supported by cpuadam.torch{where}: its step runs "
+                             "on the CPU in C++, outside CUDA graphs and autograd")
+    if group.get("fused") and group.get("foreach"):
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
+def _check_adam_group(group: dict, where: str) -> None:
     """Checks a group's hyperparameters; where names the group in messages ('' or ' in group 1')."""
     _check_real(group["lr"], "learning rate" + where)
     _check_real(group["eps"], "epsilon value" + where)
@@ -112,12 +121,7 @@ def _check_group(group: dict, where: str) -> None:
     _check_real(betas[0], "beta parameter at index 0" + where, 1.0)
     _check_real(betas[1], "beta parameter at index 1" + where, 1.0)
     _check_real(group["weight_decay"], "weight_decay value" + where)
-    for key in ("capturable", "differentiable"):
-        if group.get(key):
-            raise ValueError(f"{key}=True is not supported by cpuadam.torch{where}: its step runs "
-                             "on the CPU in C++, outside CUDA graphs and autograd")
-    if group.get("fused") and group.get("foreach"):
-        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    _check_flags(group, where)
     for key, choices in (("eps_mode", _EPS_MODES), ("decay_mode", _DECAY_MODES)):
         value = group.get(key, _EXTRA_DEFAULTS[key])
         if value not in choices:
@@ -126,6 +130,23 @@ def _check_group(group: dict, where: str) -> None:
     if group.get("decay_mode", "lr") != "lr" and not group["decoupled_weight_decay"]:
         raise ValueError(f"decay_mode{where} applies to decoupled weight decay only (AdamW, or "
                          "Adam with decoupled_weight_decay=True)")
+
+
+def _check_sgd_group(group: dict, where: str) -> None:
+    """torch.optim.SGD's checks (and a finite dampening); where as in _check_adam_group."""
+    _check_real(group["lr"], "learning rate" + where)
+    _check_real(group["momentum"], "momentum value" + where)
+    _check_real(group["dampening"], "dampening value" + where, low=-math.inf)
+    _check_real(group["weight_decay"], "weight_decay value" + where)
+    _check_flags(group, where)
+    # torch checks only the constructor's defaults. In a group, nesterov without
+    # momentum changes nothing (there and here); with dampening the kernel refuses it.
+    if where:
+        refused = group["momentum"] != 0 and group["dampening"] != 0
+    else:
+        refused = group["momentum"] <= 0 or group["dampening"] != 0
+    if group["nesterov"] and refused:
+        raise ValueError(f"Nesterov momentum{where} requires a momentum and zero dampening")
 
 
 def _new_state(p: torch.Tensor, amsgrad: bool) -> dict:
@@ -140,14 +161,32 @@ def _new_state(p: torch.Tensor, amsgrad: bool) -> dict:
     return state
 
 
-class _AdamBase(Optimizer):
-    """Shared machinery: checks, lazy state, one core call per step."""
+# The state tensors a step updates, by state key; the core's batch lists are the plurals.
+_ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+_AMSGRAD_KEYS = _ADAM_KEYS + ("max_exp_avg_sq",)
+_MOMENTUM_KEYS = ("momentum_buffer",)
+# What a param without state is viewed with: SGD without momentum keeps none, as torch.
+_NO_STATE: dict = {}
 
-    def __init__(self, params: Any, defaults: dict, eps_mode: str, decay_mode: str):
-        for key, value in (("eps_mode", eps_mode), ("decay_mode", decay_mode)):
-            if value != _EXTRA_DEFAULTS[key]:
-                defaults[key] = value
-        _check_group({**_EXTRA_DEFAULTS, **defaults}, "")
+
+class _CoreOptimizer(Optimizer):
+    """Shared machinery: checks, lazy state, one core call per step.
+
+    A subclass names its core function and checks, the state tensors a group
+    updates, how a param's state starts, and what splits a group into batches
+    (Adam: the step count; SGD: whether the momentum buffer is new).
+    """
+
+    _CORE_STEP = ""  # the name of the _core function, looked up at each call
+    _COUNTS_STEPS = False  # whether each param's state holds a 'step' tensor
+    _STATE_TENSORS: tuple[str, ...] = ()
+    # Group keys that checkpoints written by older torch releases may lack.
+    _GROUP_DEFAULTS: dict = {}
+
+    _check_group = staticmethod(_check_flags)
+
+    def __init__(self, params: Any, defaults: dict):
+        self._check_group(defaults, "")
         self._views: dict[int, _Views] = {}
         self._plan: _Plan | None = None
         super().__init__(params, defaults)
@@ -156,19 +195,9 @@ class _AdamBase(Optimizer):
         super().__setstate__(state)
         self._views = {}
         self._plan = None
-        # Checkpoints written by older torch releases lack some keys or keep 'step' as a number.
         for group in self.param_groups:
-            group.setdefault("amsgrad", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("capturable", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", None)
-            group.setdefault("decoupled_weight_decay", False)
-            for p in group["params"]:
-                p_state = self.state.get(p)
-                if p_state and not torch.is_tensor(p_state["step"]):
-                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=_scalar_dtype())
+            for key, value in self._GROUP_DEFAULTS.items():
+                group.setdefault(key, value)
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's add_param_group, then cpuadam's checks; a rejected group is not added."""
@@ -177,7 +206,7 @@ class _AdamBase(Optimizer):
         index = len(self.param_groups) - 1
         group = self.param_groups[index]
         try:
-            _check_group(group, f" in group {index}")
+            self._check_group(group, f" in group {index}")
             for pi, p in enumerate(group["params"]):
                 _check_param(p, _param_name(index, pi))
             _check_disjoint(self.param_groups)
@@ -195,7 +224,7 @@ class _AdamBase(Optimizer):
         super().load_state_dict(state_dict)
         self._plan = None
         for p_state in self.state.values():
-            for key in _STATE_BUFFERS:
+            for key in self._STATE_TENSORS:
                 buf = p_state.get(key)
                 if isinstance(buf, torch.Tensor) and not buf.is_contiguous():
                     p_state[key] = buf.contiguous()
@@ -227,15 +256,42 @@ class _AdamBase(Optimizer):
                          every_param=True, plan_key=key)
         return loss
 
+    # --- what a subclass defines -----------------------------------------------------------
+
+    def _state_keys(self, group: dict) -> tuple[str, ...]:
+        """The state tensors a step of this group reads and writes."""
+        raise NotImplementedError
+
+    def _state_of(self, p: torch.Tensor, group: dict, keys: tuple[str, ...]) -> tuple[dict, bool]:
+        """p's state holding every key, and whether it is new (committed only after the step)."""
+        raise NotImplementedError
+
+    def _batch_key(self, views: "_Views", fresh: bool) -> Any:
+        """What must be equal for params of one group to share a core batch."""
+        raise NotImplementedError
+
+    def _next_key(self, key: Any) -> Any:
+        """A planned batch's key at the next step."""
+        raise NotImplementedError
+
+    def _batch_scalars(self, group: dict, gi: int, key: Any) -> dict:
+        """A core batch's hyperparameters."""
+        raise NotImplementedError
+
+    def _preallocate(self, p: torch.Tensor, group: dict) -> None:
+        """Makes p's state before its first step where that changes no result (step_in_backward)."""
+
+    # --- the step ------------------------------------------------------------------------------
+
     def _plan_key(self) -> tuple:
         return (tuple(p.grad is None for group in self.param_groups for p in group["params"]),
-                tuple((id(g["params"]), len(g["params"]), bool(g["amsgrad"]))
+                tuple((id(g["params"]), len(g["params"]), self._state_keys(g))
                       for g in self.param_groups))
 
     @torch._disable_dynamo
     def _step_planned(self, plan: "_Plan") -> bool:
         """The step along a plan made by an earlier step: the same params, grads
-        present, step counts and memory. Returns False, having changed nothing,
+        present, batch keys and memory. Returns False, having changed nothing,
         when anything differs or is not plainly valid; the checked path then
         takes over and names any problem."""
         batches = []
@@ -249,29 +305,31 @@ class _AdamBase(Optimizer):
                 return False
             if [t.data_ptr() for t in pb.watched] != pb.ptrs:
                 return False  # .data of a param or state tensor was swapped
-            batch = _batch_scalars(group, pb.group, pb.step + 1)
+            batch = self._batch_scalars(group, pb.group, self._next_key(pb.key))
             batch.update(pb.buffers)
             batch["grads"] = grads
             batches.append(batch)
-        # The core also writes each param's new count into its 'step' tensor.
+        # For Adam the core also writes each param's new count into its 'step' tensor.
         try:
-            _core.adam_step(batches)
+            getattr(_core, self._CORE_STEP)(batches)
         except (TypeError, ValueError):
             return False  # rejected before any write; the checked path words the error
 
         for pb in plan.batches:
-            pb.step += 1
+            pb.key = self._next_key(pb.key)
         torch.autograd.graph.increment_version(plan.params)
         return True
 
-    def _views_of(self, p: torch.Tensor, state: dict, gi: int, pi: int) -> _Views:
+    def _views_of(self, p: torch.Tensor, state: dict, keys: tuple[str, ...],
+                  gi: int, pi: int) -> _Views:
         """NumPy views of p and its state, from the cache while they still describe them."""
         # Keyed by id: a tensor's own hash is a Python-level call. A recycled id
         # cannot match, since the cached entry keeps the old state dict alive.
         views = self._views.get(id(p))
-        if (views is None or views.state is not state or views.ptr != p.data_ptr()
-                or views.shape != p.shape or not views.matches(state)):
-            views = _Views(p, state, _param_name(gi, pi))
+        if (views is None or views.state is not state or views.keys != keys
+                or views.ptr != p.data_ptr() or views.shape != p.shape
+                or not views.matches(state)):
+            views = _Views(p, state, keys, self._COUNTS_STEPS, _param_name(gi, pi))
         return views
 
     # Never traced by torch.compile: the NumPy views must stay views of the live
@@ -285,8 +343,9 @@ class _AdamBase(Optimizer):
         Checks everything first; state, step counts and caches change only
         after the kernel has succeeded.
         """
-        batches: dict[tuple[int, int], dict] = {}
-        members: dict[tuple[int, int], list] = {}
+        batches: dict[tuple[int, Any], dict] = {}
+        members: dict[tuple[int, Any], list] = {}
+        keys_of: dict[int, tuple[str, ...]] = {}
         fresh_states = []
         used = []
         for gi, pi, p in targets:
@@ -298,44 +357,39 @@ class _AdamBase(Optimizer):
             if not (grad.is_cpu and grad.dtype is p.dtype and grad.layout is torch.strided
                     and grad.shape == p.shape and grad.is_contiguous()):
                 grad = _checked_grad(p, _param_name(gi, pi))
-            amsgrad = bool(group["amsgrad"])
-            state = self.state.get(p)
-            if not state:
-                state = _new_state(p, amsgrad)
+            keys = keys_of.get(gi)
+            if keys is None:
+                keys = keys_of[gi] = self._state_keys(group)
+            state, fresh = self._state_of(p, group, keys)
+            if fresh:
                 fresh_states.append((p, state))
-            elif amsgrad and "max_exp_avg_sq" not in state:
-                # amsgrad switched on after some steps: its running max starts from zero.
-                state = dict(state, max_exp_avg_sq=torch.zeros_like(
-                    p, memory_format=torch.preserve_format))
-                fresh_states.append((p, state))
-            views = self._views_of(p, state, gi, pi)
-            step = int(views.step.item()) + 1
-            batch = batches.get((gi, step))
+            views = self._views_of(p, state, keys, gi, pi)
+            key = self._batch_key(views, fresh)
+            batch = batches.get((gi, key))
             if batch is None:
                 if group.get("differentiable"):
                     raise ValueError("differentiable=True is not supported by cpuadam.torch "
                                      f"in group {gi}")
-                batch = batches[(gi, step)] = {
-                    "params": [], "grads": [], "exp_avgs": [], "exp_avg_sqs": [],
-                    "max_exp_avg_sqs": [], "indices": [], **_batch_scalars(group, gi, step)}
+                batch = batches[(gi, key)] = {
+                    "params": [], "grads": [], "indices": [],
+                    **{k + "s": [] for k in keys}, **self._batch_scalars(group, gi, key)}
             batch["params"].append(views.param)
             batch["grads"].append(grad.numpy() if not grad.requires_grad
                                   else grad.detach().numpy())
-            batch["exp_avgs"].append(views.exp_avg)
-            batch["exp_avg_sqs"].append(views.exp_avg_sq)
-            if amsgrad:
-                batch["max_exp_avg_sqs"].append(views.max_exp_avg_sq)
+            for k, buf in zip(keys, views.buffers):
+                batch[k + "s"].append(buf)
             batch["indices"].append(pi)
-            used.append((p, views, step))
-            members.setdefault((gi, step), []).append((p, views))
+            used.append((p, views, key))
+            members.setdefault((gi, key), []).append((p, views))
         if not used:
             return
-        _core.adam_step(list(batches.values()))
+        getattr(_core, self._CORE_STEP)(list(batches.values()))
         for p, state in fresh_states:
             self.state[p] = state
         cache = {} if every_param else self._views
-        for p, views, step in used:
-            views.step.fill(step)
+        for p, views, key in used:
+            if views.step is not None:
+                views.step.fill(key)
             cache[id(p)] = views
         self._views = cache
         # The kernel writes memory autograd does not see; tell it, as an in-place op would.
@@ -346,84 +400,136 @@ class _AdamBase(Optimizer):
             self._plan = _Plan(plan_key, batches, members)
 
 
-def _batch_scalars(group: dict, gi: int, step: int) -> dict:
-    beta1, beta2 = group["betas"]
-    return {"group": gi, "step": step, "lr": float(group["lr"]), "beta1": float(beta1),
-            "beta2": float(beta2), "eps": float(group["eps"]),
-            "weight_decay": float(group["weight_decay"]), "amsgrad": bool(group["amsgrad"]),
-            "maximize": bool(group["maximize"]),
-            "decoupled": bool(group["decoupled_weight_decay"]),
-            "decay_mode": group.get("decay_mode", "lr"),
-            "eps_mode": group.get("eps_mode", "torch")}
+class _AdamBase(_CoreOptimizer):
+    """Adam and AdamW: batches by step count; state as torch.optim.Adam's."""
+
+    _CORE_STEP = "adam_step"
+    _COUNTS_STEPS = True
+    _STATE_TENSORS = _AMSGRAD_KEYS
+    _GROUP_DEFAULTS = {"amsgrad": False, "maximize": False, "foreach": None,
+                       "capturable": False, "differentiable": False, "fused": None,
+                       "decoupled_weight_decay": False}
+
+    _check_group = staticmethod(_check_adam_group)
+
+    def __init__(self, params: Any, defaults: dict, eps_mode: str, decay_mode: str):
+        for key, value in (("eps_mode", eps_mode), ("decay_mode", decay_mode)):
+            if value != _EXTRA_DEFAULTS[key]:
+                defaults[key] = value
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # Checkpoints written by older torch releases may keep 'step' as a number.
+        for group in self.param_groups:
+            for p in group["params"]:
+                p_state = self.state.get(p)
+                if p_state and not torch.is_tensor(p_state["step"]):
+                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=_scalar_dtype())
+
+    def _state_keys(self, group: dict) -> tuple[str, ...]:
+        return _AMSGRAD_KEYS if group["amsgrad"] else _ADAM_KEYS
+
+    def _state_of(self, p: torch.Tensor, group: dict, keys: tuple[str, ...]) -> tuple[dict, bool]:
+        state = self.state.get(p)
+        if not state:
+            return _new_state(p, keys is _AMSGRAD_KEYS), True
+        if keys is _AMSGRAD_KEYS and "max_exp_avg_sq" not in state:
+            # amsgrad switched on after some steps: its running max starts from zero.
+            return dict(state, max_exp_avg_sq=torch.zeros_like(
+                p, memory_format=torch.preserve_format)), True
+        return state, False
+
+    def _batch_key(self, views: "_Views", fresh: bool) -> int:
+        return int(views.step.item()) + 1
+
+    def _next_key(self, key: int) -> int:
+        return key + 1
+
+    def _batch_scalars(self, group: dict, gi: int, step: int) -> dict:
+        beta1, beta2 = group["betas"]
+        return {"group": gi, "step": step, "lr": float(group["lr"]), "beta1": float(beta1),
+                "beta2": float(beta2), "eps": float(group["eps"]),
+                "weight_decay": float(group["weight_decay"]), "amsgrad": bool(group["amsgrad"]),
+                "maximize": bool(group["maximize"]),
+                "decoupled": bool(group["decoupled_weight_decay"]),
+                "decay_mode": group.get("decay_mode", "lr"),
+                "eps_mode": group.get("eps_mode", "torch")}
+
+    def _preallocate(self, p: torch.Tensor, group: dict) -> None:
+        # Zeros, step 0: exactly what a first step would start from.
+        if not self.state.get(p):
+            self.state[p] = _new_state(p, bool(group["amsgrad"]))
 
 
 class _PlannedBatch:
     """One core batch as the last step built it: its tensors, their views and
     the addresses those views were made over."""
 
-    __slots__ = ("group", "step", "tensors", "buffers", "watched", "ptrs")
+    __slots__ = ("group", "key", "tensors", "buffers", "watched", "ptrs")
 
-    def __init__(self, batch: dict, tensors: list, watched: list, step_views: list):
-        self.group = batch["group"]
-        self.step = batch["step"]
+    def __init__(self, group: int, key: Any, batch: dict, tensors: list, watched: list,
+                 step_views: list):
+        self.group = group
+        self.key = key
         self.tensors = tensors
-        self.buffers = {k: batch[k] for k in ("params", "exp_avgs", "exp_avg_sqs",
-                                               "max_exp_avg_sqs", "indices")}
-        self.buffers["step_buffers"] = step_views
+        self.buffers = {k: v for k, v in batch.items() if isinstance(v, list) and k != "grads"}
+        if step_views:
+            self.buffers["step_buffers"] = step_views
         self.watched = watched
         self.ptrs = [t.data_ptr() for t in watched]
 
 
 class _Plan:
     """What the last step did, reusable while the params with grads, their
-    step counts and their memory stay the same."""
+    batch keys and their memory stay the same."""
 
     def __init__(self, key: tuple, batches: dict, members_of: dict):
         self.key = key
         self.batches = []
         self.params = []
-        for k, batch in batches.items():
-            members = members_of[k]
+        for (gi, batch_key), batch in batches.items():
+            members = members_of[(gi, batch_key)]
             tensors = [p for p, _ in members]
             # Every tensor a view was made over, 'step' included.
-            watched = tensors + [t for _, v in members for t in v.tensors if t is not None]
-            self.batches.append(_PlannedBatch(batch, tensors, watched, [v.step for _, v in members]))
+            watched = tensors + [t for _, v in members for t in v.tensors]
+            step_views = [v.step for _, v in members if v.step is not None]
+            self.batches.append(_PlannedBatch(gi, batch_key, batch, tensors, watched, step_views))
             self.params.extend(tensors)
 
 
 class _Views:
-    """NumPy arrays over one param and its state tensors (no copies), checked once."""
+    """NumPy arrays over one param and the state tensors its step uses (no copies), checked once."""
 
-    __slots__ = ("state", "tensors", "ptrs", "ptr", "shape", "param", "step", "exp_avg",
-                 "exp_avg_sq", "max_exp_avg_sq")
+    __slots__ = ("state", "keys", "watched_keys", "tensors", "ptrs", "ptr", "shape", "param",
+                 "step", "buffers")
 
-    def __init__(self, p: torch.Tensor, state: dict, name: str):
+    def __init__(self, p: torch.Tensor, state: dict, keys: tuple[str, ...], counts_steps: bool,
+                 name: str):
         self.state = state
-        self.tensors = tuple(state.get(k) for k in ("step",) + _STATE_BUFFERS)
+        self.keys = keys
+        self.watched_keys = (("step",) if counts_steps else ()) + keys
+        self.tensors = tuple(state.get(k) for k in self.watched_keys)
         self.ptr = p.data_ptr()
         self.shape = p.shape
         self.param = p.detach().numpy()
-        step = state["step"]
-        if not (isinstance(step, torch.Tensor) and step.is_cpu and step.numel() == 1
-                and step.dtype in (torch.float32, torch.float64)):
-            raise TypeError(f"step of {name}: expected a float32 CPU tensor holding the count")
-        self.step = step.detach().numpy()
-        self.exp_avg = _view(state["exp_avg"], f"exp_avg of {name}")
-        self.exp_avg_sq = _view(state["exp_avg_sq"], f"exp_avg_sq of {name}")
-        amsgrad_buf = state.get("max_exp_avg_sq")
-        self.max_exp_avg_sq = (None if amsgrad_buf is None
-                               else _view(amsgrad_buf, f"max_exp_avg_sq of {name}"))
-        self.ptrs = tuple(None if t is None else t.data_ptr() for t in self.tensors)
+        self.step = None
+        if counts_steps:
+            step = state["step"]
+            if not (isinstance(step, torch.Tensor) and step.is_cpu and step.numel() == 1
+                    and step.dtype in (torch.float32, torch.float64)):
+                raise TypeError(f"step of {name}: expected a float32 CPU tensor holding the count")
+            self.step = step.detach().numpy()
+        self.buffers = tuple(_view(state[k], f"{k} of {name}") for k in keys)
+        self.ptrs = tuple(t.data_ptr() for t in self.tensors)
 
     def matches(self, state: dict) -> bool:
         # The same tensor objects over the same memory: a replaced state tensor, or
         # one whose .data was swapped, must be viewed afresh.
-        step, exp_avg, exp_avg_sq, max_exp_avg_sq = self.tensors
-        return (state["step"] is step and state["exp_avg"] is exp_avg
-                and state["exp_avg_sq"] is exp_avg_sq
-                and state.get("max_exp_avg_sq") is max_exp_avg_sq
-                and self.ptrs == (step.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
-                                  None if max_exp_avg_sq is None else max_exp_avg_sq.data_ptr()))
+        for key, t, ptr in zip(self.watched_keys, self.tensors, self.ptrs):
+            if state.get(key) is not t or t.data_ptr() != ptr:
+                return False
+        return True
 
 
 _MATH = r"""
@@ -533,6 +639,97 @@ class AdamW(Adam):
             group["decoupled_weight_decay"] = True
 
 
+class SGD(_CoreOptimizer):
+    """SGD with momentum as torch.optim.SGD, stepped by cpuadam's fused kernel.
+
+    Per element, with ``b`` the param's momentum buffer::
+
+        g  = -grad if maximize else grad
+        g  = g + weight_decay * p
+        b  = g  (first step)   or   b = momentum * b + (1 - dampening) * g
+        g  = g + momentum * b  (nesterov)   or   g = b       (when momentum != 0)
+        p  = p - lr * g
+
+    as in torch.optim.SGD, in one float32 pass over every param of every group,
+    reached zero-copy through NumPy views of the tensors. On the avx2 and avx512
+    levels each multiply-add rounds once, as torch's CPU kernels do, and params
+    and momentum buffers are bitwise equal to torch.optim.SGD's (its default
+    for-loop implementation on the CPU; its ``fused=True`` kernel rounds
+    differently); the baseline level rounds the product and the sum
+    separately and agrees to float32 rounding.
+
+    The state is torch's: ``state[p]['momentum_buffer']`` once p has stepped
+    with a non-zero momentum, nothing otherwise, so checkpoints interchange
+    with torch.optim.SGD both ways.
+
+    Differences from torch.optim.SGD: params must be dense, contiguous float32
+    CPU tensors (checked when added and at each step); ``differentiable=True``
+    raises ValueError, and so does a param group with Nesterov momentum and a
+    non-zero dampening (torch checks that only in its constructor); ``foreach``
+    and ``fused`` are accepted and kept in the param groups but change nothing,
+    since the step is always one fused call.
+
+    Args:
+        params, lr, momentum, dampening, weight_decay, nesterov, maximize,
+            foreach, differentiable, fused: as torch.optim.SGD.
+
+    Example:
+        >>> import torch
+        >>> from cpuadam.torch import SGD
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = SGD(model.parameters(), lr=1e-2, momentum=0.9)
+        >>> model(torch.ones(3, 4)).sum().backward()
+        >>> opt.step()
+    """
+
+    _CORE_STEP = "sgd_step"
+    _STATE_TENSORS = _MOMENTUM_KEYS
+    _GROUP_DEFAULTS = {"nesterov": False, "maximize": False, "foreach": None,
+                       "differentiable": False, "fused": False}
+
+    _check_group = staticmethod(_check_sgd_group)
+
+    def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3, momentum: float = 0,
+                 dampening: float = 0, weight_decay: float | torch.Tensor = 0,
+                 nesterov: bool = False, *, maximize: bool = False, foreach: bool | None = None,
+                 differentiable: bool = False, fused: bool | None = None):
+        defaults = {
+            "lr": lr, "momentum": momentum, "dampening": dampening,
+            "weight_decay": weight_decay, "nesterov": nesterov, "maximize": maximize,
+            "foreach": foreach, "differentiable": differentiable, "fused": fused,
+        }
+        super().__init__(params, defaults)
+
+    def _state_keys(self, group: dict) -> tuple[str, ...]:
+        return _MOMENTUM_KEYS if group["momentum"] != 0 else ()
+
+    def _state_of(self, p: torch.Tensor, group: dict, keys: tuple[str, ...]) -> tuple[dict, bool]:
+        state = self.state.get(p)
+        if not keys:
+            # torch neither reads nor makes state without momentum.
+            return (_NO_STATE if state is None else state), False
+        if state and state.get("momentum_buffer") is not None:
+            return state, False
+        # Left uninitialised: a batch marked momentum_first writes b = g without reading b.
+        buf = torch.empty_like(p, memory_format=torch.preserve_format)
+        return dict(state or {}, momentum_buffer=buf), True
+
+    def _batch_key(self, views: "_Views", fresh: bool) -> bool:
+        return fresh
+
+    def _next_key(self, key: bool) -> bool:
+        return False  # a buffer is new for one step only
+
+    def _batch_scalars(self, group: dict, gi: int, first: bool) -> dict:
+        momentum = float(group["momentum"])
+        return {"group": gi, "lr": float(group["lr"]), "momentum": momentum,
+                "dampening": float(group["dampening"]),
+                "weight_decay": float(group["weight_decay"]),
+                # As in torch, nesterov means nothing without momentum.
+                "nesterov": bool(group["nesterov"]) and momentum != 0,
+                "maximize": bool(group["maximize"]), "momentum_first": first}
+
+
 class StepInBackward:
     """Handle returned by :func:`step_in_backward`: the optimizer and its hooks.
 
@@ -541,7 +738,7 @@ class StepInBackward:
             state; pass it to an lr scheduler, call its ``state_dict()``.
     """
 
-    def __init__(self, optimizer: _AdamBase, hooks: list):
+    def __init__(self, optimizer: _CoreOptimizer, hooks: list):
         self.optimizer = optimizer
         self._hooks = hooks
         self._where: dict[torch.Tensor, tuple[int, int]] = {}
@@ -551,7 +748,7 @@ class StepInBackward:
         return self.optimizer.param_groups
 
     def state_dict(self) -> dict:
-        """The optimizer's state_dict: torch.optim.AdamW's format."""
+        """The optimizer's state_dict, in its torch.optim counterpart's format."""
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -598,15 +795,16 @@ def step_in_backward(model_or_params: Any, optimizer_class: type = AdamW,
     Args:
         model_or_params: an ``nn.Module`` (its params that require grad), or
             params / param groups as an optimizer takes them.
-        optimizer_class: :class:`AdamW` (default) or :class:`Adam`.
+        optimizer_class: :class:`AdamW` (default), :class:`Adam` or :class:`SGD`.
         **hparams: the optimizer's keyword arguments (lr, weight_decay, ...).
 
     Returns:
         A :class:`StepInBackward`; ``handle.optimizer`` goes to lr schedulers
         (call ``scheduler.step()`` after each backward) and checkpoints.
 
-    The state of every param is allocated when the handle is made (with
-    ``step`` 0), not at its first update. Each backward is one step, so grads
+    With Adam and AdamW the state of every param is allocated when the handle
+    is made (with ``step`` 0), not at its first update; SGD's momentum buffers
+    are made at each param's first update, as torch's are. Each backward is one step, so grads
     cannot be accumulated over several backward passes, and the optimizer's
     step hooks do not fire. Not for use
     under DistributedDataParallel, whose grads are averaged after this hook.
@@ -620,9 +818,9 @@ def step_in_backward(model_or_params: Any, optimizer_class: type = AdamW,
         >>> model.weight.grad is None
         True
     """
-    if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, _AdamBase)):
-        raise TypeError("optimizer_class must be cpuadam.torch.AdamW or cpuadam.torch.Adam, "
-                        f"got {optimizer_class!r}")
+    if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, _CoreOptimizer)):
+        raise TypeError("optimizer_class must be cpuadam.torch.AdamW, cpuadam.torch.Adam or "
+                        f"cpuadam.torch.SGD, got {optimizer_class!r}")
     if isinstance(model_or_params, torch.nn.Module):
         params: Any = [p for p in model_or_params.parameters() if p.requires_grad]
     else:
@@ -635,7 +833,6 @@ def step_in_backward(model_or_params: Any, optimizer_class: type = AdamW,
                 # State up front (as a first step would make it): allocated during the
                 # first backward instead, between short-lived grads, it leaves the
                 # allocator's heap fragmented and the freed grads stay resident.
-                if not optimizer.state.get(p):
-                    optimizer.state[p] = _new_state(p, bool(group["amsgrad"]))
+                optimizer._preallocate(p, group)
                 handle._hooks.append(p.register_post_accumulate_grad_hook(handle._hook))
     return handle
