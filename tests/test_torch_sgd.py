@@ -402,6 +402,27 @@ def test_memory_swapped_under_a_param_or_its_momentum_is_what_gets_updated():
     assert_same_training_state(ours_model, ours_opt, ref_model, ref_opt)
 
 
+STATE_EDITS = {
+    "cleared": lambda opt, model: opt.state.clear(),
+    "param_entry_replaced": lambda opt, model: opt.state.__setitem__(model.fc1.weight, {}),
+    "buffer_replaced": lambda opt, model: opt.state[model.fc2.bias].__setitem__(
+        "momentum_buffer", torch.zeros(7)),
+}
+
+
+@pytest.mark.parametrize("edit", STATE_EDITS)
+def test_state_edited_between_steps_is_what_the_next_step_uses(edit):
+    # The step after is not taken along the previous step's plan, which was made
+    # over the old buffers: cleared state restarts momentum, as in torch.
+    ours_model, ours_opt, ref_model, ref_opt = pair(lr=5e-2, momentum=0.9)
+    data = batches(20)
+    lockstep(ours_model, ours_opt, ref_model, ref_opt, 3, data)
+    STATE_EDITS[edit](ours_opt, ours_model)
+    STATE_EDITS[edit](ref_opt, ref_model)
+    lockstep(ours_model, ours_opt, ref_model, ref_opt, 3, data)
+    assert_same_training_state(ours_model, ours_opt, ref_model, ref_opt)
+
+
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_a_step_marks_params_modified_for_autograd(momentum):
     model = make_model()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from operator import is_
 from typing import Any, Callable, Iterable
 
 import torch
@@ -291,7 +292,7 @@ class _CoreOptimizer(Optimizer):
     @torch._disable_dynamo
     def _step_planned(self, plan: "_Plan") -> bool:
         """The step along a plan made by an earlier step: the same params, grads
-        present, batch keys and memory. Returns False, having changed nothing,
+        present, batch keys, state tensors and memory. Returns False, having changed nothing,
         when anything differs or is not plainly valid; the checked path then
         takes over and names any problem."""
         batches = []
@@ -305,6 +306,8 @@ class _CoreOptimizer(Optimizer):
                 return False
             if [t.data_ptr() for t in pb.watched] != pb.ptrs:
                 return False  # .data of a param or state tensor was swapped
+            if not pb.same_state(self.state):
+                return False
             batch = self._batch_scalars(group, pb.group, self._next_key(pb.key))
             batch.update(pb.buffers)
             batch["grads"] = grads
@@ -463,39 +466,49 @@ class _AdamBase(_CoreOptimizer):
 
 
 class _PlannedBatch:
-    """One core batch as the last step built it: its tensors, their views and
-    the addresses those views were made over."""
+    """One core batch as the last step built it: its tensors, their state dicts
+    and state tensors, their views and the addresses those views were made over."""
 
-    __slots__ = ("group", "key", "tensors", "buffers", "watched", "ptrs")
+    __slots__ = ("group", "key", "tensors", "states", "state_tensors", "buffers", "watched",
+                 "ptrs")
 
-    def __init__(self, group: int, key: Any, batch: dict, tensors: list, watched: list,
-                 step_views: list):
+    def __init__(self, group: int, key: Any, batch: dict, members: list):
         self.group = group
         self.key = key
-        self.tensors = tensors
+        self.tensors = [p for p, _ in members]
+        # What optimizer.state.get(p) returned: None where the step used no state.
+        self.states = [None if v.state is _NO_STATE else v.state for _, v in members]
+        # The members of a batch share their state keys: one column of tensors per key.
+        keys = members[0][1].watched_keys
+        self.state_tensors = [(k, [v.tensors[i] for _, v in members]) for i, k in enumerate(keys)]
         self.buffers = {k: v for k, v in batch.items() if isinstance(v, list) and k != "grads"}
+        step_views = [v.step for _, v in members if v.step is not None]
         if step_views:
             self.buffers["step_buffers"] = step_views
-        self.watched = watched
-        self.ptrs = [t.data_ptr() for t in watched]
+        # Every tensor a view was made over, 'step' included.
+        self.watched = self.tensors + [t for _, v in members for t in v.tensors]
+        self.ptrs = [t.data_ptr() for t in self.watched]
+
+    def same_state(self, state: dict) -> bool:
+        """Whether optimizer.state still holds the dicts and tensors the views were made of."""
+        if not all(map(is_, map(state.get, self.tensors), self.states)):
+            return False  # state cleared, or a param's dict replaced
+        return all(all(map(is_, [s.get(k) for s in self.states], column))
+                   for k, column in self.state_tensors)
 
 
 class _Plan:
     """What the last step did, reusable while the params with grads, their
-    batch keys and their memory stay the same."""
+    batch keys, state tensors and memory stay the same."""
 
     def __init__(self, key: tuple, batches: dict, members_of: dict):
         self.key = key
         self.batches = []
         self.params = []
         for (gi, batch_key), batch in batches.items():
-            members = members_of[(gi, batch_key)]
-            tensors = [p for p, _ in members]
-            # Every tensor a view was made over, 'step' included.
-            watched = tensors + [t for _, v in members for t in v.tensors]
-            step_views = [v.step for _, v in members if v.step is not None]
-            self.batches.append(_PlannedBatch(gi, batch_key, batch, tensors, watched, step_views))
-            self.params.extend(tensors)
+            planned = _PlannedBatch(gi, batch_key, batch, members_of[(gi, batch_key)])
+            self.batches.append(planned)
+            self.params.extend(planned.tensors)
 
 
 class _Views:
