@@ -8,7 +8,10 @@
 //   m    = lerp(m, g, 1 - beta1)            (torch's form of beta1*m + (1-beta1)*g)
 //   v    = beta2 * v + (1 - beta2) * g * g
 //   vmax = max(vmax, v); use vmax for v     (Amsgrad::On)
-//   p    = p - step_size * m / (sqrt(v) / bc2_sqrt + eps)
+//   p    = p - step_size * m / (sqrt(v) + eps)
+//          with step_size = lr * sqrt(bc2) / bc1 and eps = eps_torch * sqrt(bc2) (or
+//          eps_keras): torch's lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps) with sqrt(bc2)
+//          moved into the scalars, one division per element instead of two.
 //   ema  = ema_momentum * ema + (1 - ema_momentum) * p   (Ema::On)
 // SGD (torch.optim.SGD), with b the momentum buffer:
 //   b    = g (first step) or momentum * b + (1 - dampening) * g
@@ -65,7 +68,7 @@ inline void adam_range(P* __restrict param, const G* __restrict grad, S* __restr
   const float beta2 = sc.beta2, lerp_coef = sc.lerp_coef;
   const bool lerp_from_grad = sc.lerp_from_grad != 0;
   const float one_minus_beta2 = sc.one_minus_beta2, neg_step_size = -sc.step_size;
-  const float bc2_sqrt = sc.bc2_sqrt, eps = sc.eps, weight_decay = sc.weight_decay;
+  const float eps = sc.eps, weight_decay = sc.weight_decay;
   const float decay_factor = sc.decay_factor, clip_value = sc.clip_value;
   const float ema_momentum = sc.ema_momentum, one_minus_ema = sc.one_minus_ema_momentum;
 #pragma GCC ivdep
@@ -85,8 +88,7 @@ inline void adam_range(P* __restrict param, const G* __restrict grad, S* __restr
       v_used = vmax > v ? vmax : v;
       max_exp_avg_sq[i] = store_float<S>(v_used);
     }
-    // Divide by bc2_sqrt (not multiply by its inverse), as torch does.
-    const float denom = __builtin_sqrtf(v_used) / bc2_sqrt + eps;
+    const float denom = __builtin_sqrtf(v_used) + eps;
     p = madd(neg_step_size, m / denom, p);
     exp_avg[i] = store_float<S>(m);
     exp_avg_sq[i] = store_float<S>(v);

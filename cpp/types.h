@@ -39,9 +39,8 @@ struct StepScalars {
   float lerp_coef = 0.1f;     // 1 - beta1, or (1 - beta1) - 1 when stepping from g
   int lerp_from_grad = 0;
   float one_minus_beta2 = 0.001f;
-  float step_size = 0.f;     // Adam: lr / bc1; SGD: lr
-  float bc2_sqrt = 1.f;      // sqrt(1 - beta2**step)
-  float eps = 0.f;           // eps_mode "torch": eps; "keras": eps / sqrt(bc2)
+  float step_size = 0.f;     // Adam: lr * sqrt(bc2) / bc1; SGD: lr
+  float eps = 0.f;           // eps_mode "torch": eps * sqrt(bc2); "keras": eps
   float weight_decay = 0.f;  // used by DecayMode::L2
   float decay_factor = 1.f;  // used by DecayMode::Decoupled: 1 - lr*wd, or 1 - wd (independent)
   float clip_value = 0.f;    // |g| is clipped to this after scaling; +inf when unused
