@@ -374,7 +374,7 @@ Batch make_batch(const py::dict& d, Optim optim) {
     }
   }
   if (has(d, "grad_accums")) {
-    a.accumulate = Accumulate::Final;
+    a.grad_input = GradInput::Accumulated;
     lists.push_back({"grad_accums", "grad_accum", &TensorSpan::grad_accum});
   }
   if (has(d, "emas")) {
@@ -493,6 +493,13 @@ py::dict run_step(py::handle batches_obj, Optim optim, py::object global_clipnor
     } else {
       for (Batch& b : batches)
         for (TensorSpan& s : b.buffers.spans) s.grad_scale = static_cast<float>(b.base_scale);
+    }
+    for (Batch& b : batches) {
+      // Plain grads (scale 1, nothing to clip) skip two operations per element.
+      if (b.args.grad_input == GradInput::Accumulated || b.args.scalars.clip_value != INFINITY) continue;
+      bool plain = true;
+      for (const TensorSpan& s : b.buffers.spans) plain = plain && s.grad_scale == 1.0f;
+      b.args.grad_input = plain ? GradInput::Raw : GradInput::Scaled;
     }
     if (finite || !skip_nonfinite) {
       for (const Batch& b : batches) {

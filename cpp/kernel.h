@@ -46,19 +46,20 @@ inline float clip(float g, float limit) {
   return g < -limit ? -limit : g;
 }
 
-// The gradient as the update sees it: accumulated, scaled, clipped.
-template <Accumulate kAccumulate, typename G>
+// The gradient as the update sees it: accumulated, scaled, clipped (GradInput).
+template <GradInput kGrad, typename G>
 inline float effective_grad(const G* __restrict grad, G* __restrict grad_accum, int64_t i,
                             float scale, float clip_value) {
   float g = load_float(grad[i]);
-  if constexpr (kAccumulate == Accumulate::Final) {
+  if constexpr (kGrad == GradInput::Raw) return g;
+  if constexpr (kGrad == GradInput::Accumulated) {
     g = load_float(grad_accum[i]) + g;
     grad_accum[i] = store_float<G>(0.f);
   }
   return clip(g * scale, clip_value);
 }
 
-template <DecayMode kDecay, Amsgrad kAmsgrad, Accumulate kAccumulate, Ema kEma, typename P,
+template <DecayMode kDecay, Amsgrad kAmsgrad, GradInput kGrad, Ema kEma, typename P,
           typename G, typename S>
 inline void adam_range(P* __restrict param, const G* __restrict grad, S* __restrict exp_avg,
                        S* __restrict exp_avg_sq, S* __restrict max_exp_avg_sq,
@@ -74,7 +75,7 @@ inline void adam_range(P* __restrict param, const G* __restrict grad, S* __restr
 #pragma GCC ivdep
   for (int64_t i = 0; i < n; ++i) {
     float p = load_float(param[i]);
-    float g = effective_grad<kAccumulate>(grad, grad_accum, i, grad_scale, clip_value);
+    float g = effective_grad<kGrad>(grad, grad_accum, i, grad_scale, clip_value);
     if constexpr (kDecay == DecayMode::L2) g = madd(weight_decay, p, g);
     // torch's (and DESIGN's) form. p - (lr*wd)*p would round the decay more
     // finely, but would no longer follow torch.optim.AdamW step for step.
@@ -98,7 +99,7 @@ inline void adam_range(P* __restrict param, const G* __restrict grad, S* __restr
   }
 }
 
-template <DecayMode kDecay, Momentum kMomentum, Nesterov kNesterov, Accumulate kAccumulate,
+template <DecayMode kDecay, Momentum kMomentum, Nesterov kNesterov, GradInput kGrad,
           Ema kEma, typename P, typename G, typename S>
 inline void sgd_range(P* __restrict param, const G* __restrict grad, S* __restrict momentum_buffer,
                       G* __restrict grad_accum, P* __restrict ema, int64_t n, float grad_scale,
@@ -109,7 +110,7 @@ inline void sgd_range(P* __restrict param, const G* __restrict grad, S* __restri
 #pragma GCC ivdep
   for (int64_t i = 0; i < n; ++i) {
     float p = load_float(param[i]);
-    float g = effective_grad<kAccumulate>(grad, grad_accum, i, grad_scale, clip_value);
+    float g = effective_grad<kGrad>(grad, grad_accum, i, grad_scale, clip_value);
     if constexpr (kDecay == DecayMode::L2) g = madd(weight_decay, p, g);
     if constexpr (kMomentum != Momentum::Off) {
       float b = g;  // torch starts the buffer as a copy of the first d_p

@@ -39,12 +39,16 @@ void with_decay(DecayMode d, Fn&& fn) {
 }
 
 template <typename Fn>
-void with_accumulate_ema(const StepArgs& a, Fn&& fn) {
-  const bool acc = a.accumulate == Accumulate::Final, ema = a.ema == Ema::On;
-  if (acc && ema) return fn(Flag<Accumulate::Final>{}, Flag<Ema::On>{});
-  if (acc) return fn(Flag<Accumulate::Final>{}, Flag<Ema::Off>{});
-  if (ema) return fn(Flag<Accumulate::Off>{}, Flag<Ema::On>{});
-  return fn(Flag<Accumulate::Off>{}, Flag<Ema::Off>{});
+void with_grad_ema(const StepArgs& a, Fn&& fn) {
+  auto with_ema = [&](auto grad) {
+    if (a.ema == Ema::On) return fn(grad, Flag<Ema::On>{});
+    return fn(grad, Flag<Ema::Off>{});
+  };
+  switch (a.grad_input) {
+    case GradInput::Raw: return with_ema(Flag<GradInput::Raw>{});
+    case GradInput::Scaled: return with_ema(Flag<GradInput::Scaled>{});
+    case GradInput::Accumulated: return with_ema(Flag<GradInput::Accumulated>{});
+  }
 }
 
 // Runs fn(span, first, count) over this thread's slice of the concatenated
@@ -90,13 +94,13 @@ const T* at(const void* base, int64_t first) {
 template <typename P, typename G, typename S>
 void adam_typed(const StepArgs& a) {
   with_decay(a.decay, [&](auto decay) {
-    with_accumulate_ema(a, [&](auto accumulate, auto ema) {
+    with_grad_ema(a, [&](auto grad_input, auto ema) {
       auto run = [&](auto amsgrad) {
         parallel_pieces(a.tensors, a.offsets, a.num_tensors, a.num_threads,
                         [&](const TensorSpan& s, int64_t piece_first, int64_t piece_count) {
                           aligned_runs(s.param, sizeof(P), piece_first, piece_count,
                                        [&](int64_t first, int64_t count) {
-                            adam_range<decay.value, amsgrad.value, accumulate.value, ema.value>(
+                            adam_range<decay.value, amsgrad.value, grad_input.value, ema.value>(
                                 at<P>(s.param, first), at<G>(s.grad, first),
                                 at<S>(s.exp_avg, first), at<S>(s.exp_avg_sq, first),
                                 at<S>(s.max_exp_avg_sq, first), at<G>(s.grad_accum, first),
@@ -114,14 +118,14 @@ void sgd_typed(const StepArgs& a) {
   const DecayMode decay_mode = a.decay == DecayMode::None ? DecayMode::None : DecayMode::L2;
   with_decay(decay_mode, [&](auto decay) {
     if constexpr (decay.value != DecayMode::Decoupled) {
-      with_accumulate_ema(a, [&](auto accumulate, auto ema) {
+      with_grad_ema(a, [&](auto grad_input, auto ema) {
         auto run = [&](auto momentum, auto nesterov) {
           parallel_pieces(a.tensors, a.offsets, a.num_tensors, a.num_threads,
                           [&](const TensorSpan& s, int64_t piece_first, int64_t piece_count) {
                             aligned_runs(s.param, sizeof(P), piece_first, piece_count,
                                          [&](int64_t first, int64_t count) {
                               sgd_range<decay.value, momentum.value, nesterov.value,
-                                        accumulate.value, ema.value>(
+                                        grad_input.value, ema.value>(
                                   at<P>(s.param, first), at<G>(s.grad, first),
                                   at<S>(s.exp_avg, first), at<G>(s.grad_accum, first),
                                   at<P>(s.ema, first), count, s.grad_scale, a.scalars);

@@ -17,9 +17,12 @@ enum class DecayMode : int {
 
 enum class Amsgrad : int { Off = 0, On = 1 };
 
-// Gradient accumulation: on the applying call the kernel reads the
-// accumulated sum, adds this call's grad and zeroes the accumulator.
-enum class Accumulate : int { Off = 0, Final = 1 };
+// How the kernel forms the gradient it steps on. Raw: the grad as it is (no
+// scale, no clipping: the common case, two fewer operations per element).
+// Scaled: times the tensor's grad_scale, clipped to clip_value. Accumulated:
+// the applying call of gradient accumulation, (accumulated sum + grad) scaled
+// and clipped, and the accumulator zeroed.
+enum class GradInput : int { Raw = 0, Scaled = 1, Accumulated = 2 };
 
 // An exponential moving average of the params, updated in the same pass.
 enum class Ema : int { Off = 0, On = 1 };
@@ -57,7 +60,7 @@ struct TensorSpan {
   void* exp_avg = nullptr;         // SGD: momentum_buffer
   void* exp_avg_sq = nullptr;
   void* max_exp_avg_sq = nullptr;  // amsgrad
-  void* grad_accum = nullptr;      // Accumulate::Final, and accumulate_pass
+  void* grad_accum = nullptr;      // GradInput::Accumulated, and the accumulate pass
   void* ema = nullptr;             // Ema::On
   int64_t numel = 0;
   // maximize's sign x loss scale x clipping x 1/accumulation steps, set per
@@ -73,7 +76,7 @@ struct StepArgs {
   StepScalars scalars;
   DecayMode decay = DecayMode::None;
   Amsgrad amsgrad = Amsgrad::Off;
-  Accumulate accumulate = Accumulate::Off;
+  GradInput grad_input = GradInput::Scaled;
   Ema ema = Ema::Off;
   Momentum momentum = Momentum::Off;
   Nesterov nesterov = Nesterov::Off;
