@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import copy
-import io
 import subprocess
 import sys
 
@@ -16,41 +15,8 @@ nn = torch.nn
 F = torch.nn.functional
 
 import cpuadam.torch as ct  # noqa: E402
+from torch_models import backward, batches, make_model, save_and_load, two_groups  # noqa: E402
 from reference import adam_step  # noqa: E402
-
-
-class TinyClassifier(nn.Module):
-    """Embedding, two linear layers with biases and a LayerNorm: every kind of param a model has."""
-
-    def __init__(self, vocab: int = 50, dim: int = 16, hidden: int = 32, classes: int = 7):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.norm = nn.LayerNorm(hidden)
-        self.fc2 = nn.Linear(hidden, classes)
-
-    def forward(self, tokens):
-        h = self.embed(tokens).mean(dim=1)
-        return self.fc2(self.norm(F.gelu(self.fc1(h))))
-
-
-def make_model(seed: int = 0) -> TinyClassifier:
-    torch.manual_seed(seed)
-    return TinyClassifier()
-
-
-def batches(seed: int):
-    """An endless, reproducible stream of (tokens, labels) batches."""
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        yield torch.randint(0, 50, (8, 5), generator=gen), torch.randint(0, 7, (8,), generator=gen)
-
-
-def backward(model, batch) -> float:
-    tokens, labels = batch
-    loss = F.cross_entropy(model(tokens), labels)
-    loss.backward()
-    return loss.item()
 
 
 def lockstep(ours_model, ours_opt, ref_model, ref_opt, steps, data, schedulers=(),
@@ -118,13 +84,6 @@ def assert_unchanged(model, opt, before):
         assert entry.keys() == state[id(p)].keys()
         for k, v in entry.items():
             assert torch.equal(v, state[id(p)][k])
-
-
-def two_groups(model, **first):
-    named = dict(model.named_parameters())
-    head = [named[n] for n in ("embed.weight", "fc1.weight", "fc1.bias")]
-    tail = [p for n, p in named.items() if n not in ("embed.weight", "fc1.weight", "fc1.bias")]
-    return [{"params": head, **first}, {"params": tail}]
 
 
 CONFIGS = {
@@ -273,13 +232,6 @@ def test_keras_eps_and_independent_decay_follow_the_float64_reference():
     np.testing.assert_allclose(p.detach().numpy(), p64, rtol=1e-5, atol=1e-6)
     torch_like = ct.AdamW([nn.Parameter(torch.zeros(1))], lr=1e-2, weight_decay=1e-3, eps=1e-3)
     assert "eps_mode" not in torch_like.param_groups[0]
-
-
-def save_and_load(state_dict):
-    buffer = io.BytesIO()
-    torch.save(state_dict, buffer)
-    buffer.seek(0)
-    return torch.load(buffer)
 
 
 @pytest.mark.parametrize("direction", ["torch_to_cpuadam", "cpuadam_to_torch"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import io
 
 import pytest
 
@@ -15,40 +14,7 @@ F = torch.nn.functional
 
 import cpuadam  # noqa: E402
 import cpuadam.torch as ct  # noqa: E402
-
-
-class TinyClassifier(nn.Module):
-    """Embedding, two linear layers with biases and a LayerNorm: every kind of param a model has."""
-
-    def __init__(self, vocab: int = 50, dim: int = 16, hidden: int = 32, classes: int = 7):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.norm = nn.LayerNorm(hidden)
-        self.fc2 = nn.Linear(hidden, classes)
-
-    def forward(self, tokens):
-        h = self.embed(tokens).mean(dim=1)
-        return self.fc2(self.norm(F.gelu(self.fc1(h))))
-
-
-def make_model(seed: int = 0) -> TinyClassifier:
-    torch.manual_seed(seed)
-    return TinyClassifier()
-
-
-def batches(seed: int):
-    """An endless, reproducible stream of (tokens, labels) batches."""
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        yield torch.randint(0, 50, (8, 5), generator=gen), torch.randint(0, 7, (8,), generator=gen)
-
-
-def backward(model, batch) -> float:
-    tokens, labels = batch
-    loss = F.cross_entropy(model(tokens), labels)
-    loss.backward()
-    return loss.item()
+from torch_models import backward, batches, make_model, save_and_load, two_groups  # noqa: E402
 
 
 def lockstep(ours_model, ours_opt, ref_model, ref_opt, steps, data, schedulers=(),
@@ -104,13 +70,6 @@ def assert_same_training_state(ours_model, ours_opt, ref_model, ref_opt):
         assert ours_sd["state"][index].keys() == ref_entry.keys() == {"momentum_buffer"}
         assert_same(ours_sd["state"][index]["momentum_buffer"], ref_entry["momentum_buffer"],
                     f"state[{index}]['momentum_buffer']")
-
-
-def two_groups(model, **first):
-    named = dict(model.named_parameters())
-    head = [named[n] for n in ("embed.weight", "fc1.weight", "fc1.bias")]
-    tail = [p for n, p in named.items() if n not in ("embed.weight", "fc1.weight", "fc1.bias")]
-    return [{"params": head, **first}, {"params": tail}]
 
 
 def pair(params_of=lambda m: m.parameters(), **kwargs):
@@ -227,13 +186,6 @@ def test_state_dict_has_torchs_layout(momentum):
         mine = ours_sd["state"][index]["momentum_buffer"]
         value = entry["momentum_buffer"]
         assert (type(mine), mine.dtype, mine.shape) == (type(value), value.dtype, value.shape)
-
-
-def save_and_load(state_dict):
-    buffer = io.BytesIO()
-    torch.save(state_dict, buffer)
-    buffer.seek(0)
-    return torch.load(buffer)
 
 
 @pytest.mark.parametrize("direction", ["torch_to_cpuadam", "cpuadam_to_torch"])

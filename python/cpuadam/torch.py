@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from operator import is_
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from torch.optim import Optimizer
