@@ -557,18 +557,20 @@ def test_a_first_step_that_is_rejected_creates_no_state():
     (lambda: [nn.Parameter(torch.zeros(4, 3).t())], ValueError,
      r"params\[0\] in group 0 is not contiguous \(shape \(3, 4\), strides \(1, 3\)\)"),
 ], ids=["non_cpu", "float16", "non_contiguous"])
-def test_unsupported_params_are_rejected_when_added(make, error, match):
+@pytest.mark.parametrize("optimizer_class", [ct.AdamW, ct.Adam, ct.SGD], ids=lambda c: c.__name__)
+def test_unsupported_params_are_rejected_when_added(optimizer_class, make, error, match):
     with pytest.raises(error, match=match):
-        ct.AdamW(make())
+        optimizer_class(make())
 
 
-def test_views_into_one_another_are_rejected_when_added_naming_both():
+@pytest.mark.parametrize("optimizer_class", [ct.AdamW, ct.Adam, ct.SGD], ids=lambda c: c.__name__)
+def test_views_into_one_another_are_rejected_when_added_naming_both(optimizer_class):
     base = torch.zeros(10)
     a = base[:6].requires_grad_()
     b = base[4:].requires_grad_()
     with pytest.raises(ValueError, match=r"params\[0\] in group 1 shares memory with "
                                          r"params\[0\] in group 0"):
-        ct.AdamW([{"params": [a]}, {"params": [b]}])
+        optimizer_class([{"params": [a]}, {"params": [b]}])
 
 
 def test_a_rejected_param_group_is_not_added():

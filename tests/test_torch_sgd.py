@@ -522,26 +522,7 @@ def test_a_first_step_that_is_rejected_creates_no_momentum_buffers():
     assert len(opt.state) == 0
 
 
-@pytest.mark.parametrize("make, error, match", [
-    (lambda: [nn.Parameter(torch.zeros(3, device="meta"))], ValueError,
-     r"params\[0\] in group 0 is on device 'meta'"),
-    (lambda: [nn.Parameter(torch.zeros(3, dtype=torch.float16))], TypeError,
-     r"params\[0\] in group 0 is torch.float16; cpuadam.torch supports float32 params only"),
-    (lambda: [nn.Parameter(torch.zeros(4, 3).t())], ValueError,
-     r"params\[0\] in group 0 is not contiguous \(shape \(3, 4\), strides \(1, 3\)\)"),
-], ids=["non_cpu", "float16", "non_contiguous"])
-def test_unsupported_params_are_rejected_when_added(make, error, match):
-    with pytest.raises(error, match=match):
-        ct.SGD(make())
-
-
-def test_views_into_one_another_are_rejected_when_added_naming_both():
-    base = torch.zeros(10)
-    a = base[:6].requires_grad_()
-    b = base[4:].requires_grad_()
-    with pytest.raises(ValueError, match=r"params\[0\] in group 1 shares memory with "
-                                         r"params\[0\] in group 0"):
-        ct.SGD([{"params": [a]}, {"params": [b]}])
+# Params refused when added (device, dtype, layout, overlap): test_torch.py covers SGD too.
 
 
 def test_a_rejected_param_group_is_not_added():
