@@ -350,11 +350,14 @@ def test_zero_grad_and_add_param_group_behave_as_in_torch():
     assert all(p.grad is None for g in ours_opt.param_groups for p in g["params"])
 
 
-def test_fused_and_foreach_flags_are_kept_and_change_nothing():
+@pytest.mark.parametrize("optimizer_class, hyper", [
+    (ct.AdamW, {"lr": 1e-2}), (ct.SGD, {"lr": 5e-2, "momentum": 0.9}),
+], ids=["AdamW", "SGD"])
+def test_fused_and_foreach_flags_are_kept_and_change_nothing(optimizer_class, hyper):
     results = []
     for flags in ({}, {"fused": True}, {"foreach": True}):
         model = make_model()
-        opt = ct.AdamW(model.parameters(), lr=1e-2, **flags)
+        opt = optimizer_class(model.parameters(), **hyper, **flags)
         data = batches(13)
         for _ in range(5):
             opt.zero_grad()

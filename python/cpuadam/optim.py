@@ -665,7 +665,8 @@ class _AdamBase(_FusedOptimizer):
         state["step"] += 1
 
 
-_MATH = r"""
+# The Adam recurrence as the docstrings show it (cpuadam.torch uses it too).
+ADAM_RECURRENCE = r"""
     Per element, with ``t`` the param's step count (from 1)::
 
         g  = -grad if maximize else grad
@@ -673,7 +674,9 @@ _MATH = r"""
         m  = beta1 * m + (1 - beta1) * g
         v  = beta2 * v + (1 - beta2) * g**2          (v = max(vmax, v) with amsgrad)
         p  = p - lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
+"""
 
+_MATH = ADAM_RECURRENCE + r"""
     With ``eps_mode="keras"`` the last line is Keras's (Kingma & Ba, section 2)::
 
         p  = p - lr * sqrt(1 - beta2**t) / (1 - beta1**t) * m / (sqrt(v) + eps)

@@ -11,6 +11,7 @@ import torch
 from torch.optim import Optimizer
 
 from cpuadam import _core
+from cpuadam.optim import ADAM_RECURRENCE
 
 __all__ = ["Adam", "AdamW", "SGD", "StepInBackward", "step_in_backward"]
 
@@ -545,15 +546,7 @@ class _Views:
         return True
 
 
-_MATH = r"""
-    Per element, with ``t`` the param's step count (from 1)::
-
-        g  = -grad if maximize else grad
-        {decay}
-        m  = beta1 * m + (1 - beta1) * g
-        v  = beta2 * v + (1 - beta2) * g**2          (v = max(vmax, v) with amsgrad)
-        p  = p - lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
-
+_MATH = ADAM_RECURRENCE + r"""
     as in torch.optim. Bias corrections and step size are computed once per step
     in double; the element arithmetic is float32 in one fused pass over every
     param of every group, reached zero-copy through NumPy views of the tensors.
