@@ -472,9 +472,9 @@ def grad_case(make, exc, message, id, at=3):
 
 GRAD_CASES = [
     grad_case(lambda g, o: g[3].astype(np.float64), TypeError,
-              r"^grad of params\[1\] in group 1: expected a float32 array, got float64$", id="grad-float64"),
+              r"^grad of params\[1\] in group 1: expected a float32, float16 or bfloat16 \(ml_dtypes\) array, got float64$", id="grad-float64"),
     grad_case(lambda g, o: g[3].astype(np.int32), TypeError,
-              r"^grad of params\[1\] in group 1: expected a float32 array, got int32$", id="grad-int32"),
+              r"^grad of params\[1\] in group 1: expected a float32, float16 or bfloat16 \(ml_dtypes\) array, got int32$", id="grad-int32"),
     grad_case(lambda g, o: g[3].astype(np.float16), TypeError,
               r"^grad of params\[1\] in group 1: expected a float32 array, got float16$", id="grad-float16"),
     grad_case(lambda g, o: g[3].tolist(), TypeError,
@@ -574,7 +574,7 @@ TAMPERED_STATE = {
     "read-only": (_read_only, ValueError,
                   r"^exp_avg_sq of params\[1\] in group 1: expected a writeable array, got a read-only one$"),
     "float64": (_float64, TypeError,
-                r"^max_exp_avg_sq of params\[1\] in group 1: expected a float32 array, got float64$"),
+                r"^max_exp_avg_sq of params\[1\] in group 1: expected a float32, float16 or bfloat16 \(ml_dtypes\) array, got float64$"),
     "shared-across-groups": (_shared_across_groups, ValueError,
                              "^" + shares(r"exp_avg of params\[1\] in group 1",
                                           r"exp_avg of params\[1\] in group 0")),
@@ -711,13 +711,12 @@ def transposed(shape):
     return np.ascontiguousarray(np.ones(shape[::-1], np.float32)).T
 
 
+SUPPORTED = r"float32, float16 or bfloat16 \(ml_dtypes\)"
 PARAM_CASES = [
     pytest.param(lambda: np.ones(3), TypeError,
-                 r"^params\[1\] in group 0: expected a float32 array, got float64$", id="float64"),
+                 rf"^params\[1\] in group 0: expected a {SUPPORTED} array, got float64$", id="float64"),
     pytest.param(lambda: np.ones(3, np.int32), TypeError,
-                 r"^params\[1\] in group 0: expected a float32 array, got int32$", id="int32"),
-    pytest.param(lambda: np.ones(3, np.float16), TypeError,
-                 r"^params\[1\] in group 0: expected a float32 array, got float16$", id="float16"),
+                 rf"^params\[1\] in group 0: expected a {SUPPORTED} array, got int32$", id="int32"),
     pytest.param(lambda: [1.0, 2.0], TypeError,
                  r"^params\[1\] in group 0: expected a numpy.ndarray, got list$", id="list"),
     pytest.param(lambda: np.float32(1.0), TypeError,
@@ -746,7 +745,7 @@ def test_add_param_group_rejects_a_bad_param_and_keeps_the_groups():
     opt.step(good_grads(opt, 0))
     groups_before = [dict(g) for g in opt.param_groups]
     before = opt_snapshot(opt)
-    with pytest.raises(TypeError, match=r"^params\[0\] in group 2: expected a float32 array, got float64$"):
+    with pytest.raises(TypeError, match=rf"^params\[0\] in group 2: expected a {SUPPORTED} array, got float64$"):
         opt.add_param_group({"params": [np.ones(3)]})
     with pytest.raises(ValueError, match=r"^Invalid learning rate in group 2: -1$"):
         opt.add_param_group({"params": [f32(np.ones(3))], "lr": -1})

@@ -3,12 +3,25 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable
 
 import numpy as np
 
-_SUPPORTED_DTYPES = (np.dtype(np.float32),)
+_SUPPORTED = "float32, float16 or bfloat16 (ml_dtypes)"
+
+
+def _dtype_supported(dtype: np.dtype) -> bool:
+    return dtype in (np.float32, np.float16) or (dtype.kind == "V" and dtype.name == "bfloat16")
+
+
+def numpy_dtype(name: str | None, like: np.dtype) -> np.dtype:
+    """The NumPy dtype of a state buffer: name None keeps like's dtype."""
+    if name is None:
+        return like
+    if name == "bfloat16":
+        import ml_dtypes  # only needed once bfloat16 buffers are asked for
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 
 
 def param_name(group: int, index: int) -> str:
@@ -19,33 +32,14 @@ def check_param_array(p: Any, name: str) -> None:
     """Raises TypeError/ValueError unless p can be updated in place by the core."""
     if not isinstance(p, np.ndarray):
         raise TypeError(f"{name}: expected a numpy.ndarray, got {type(p).__name__}")
-    if p.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"{name}: expected a float32 array, got {p.dtype}")
+    if not _dtype_supported(p.dtype):
+        raise TypeError(f"{name}: expected a {_SUPPORTED} array, got {p.dtype}")
     if not p.flags.c_contiguous:
         raise ValueError(f"{name}: expected a C-contiguous array")
     if not p.flags.aligned:
         raise ValueError(f"{name}: data is not aligned to its element size")
     if not p.flags.writeable:
         raise ValueError(f"{name}: expected a writeable array, got a read-only one")
-
-
-def check_real(value: Any, name: str, low: float, high: float = math.inf,
-               high_open: bool = False) -> None:
-    """torch.optim-style hyperparameter check: a finite real in [low, high)."""
-    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "fiu":
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise TypeError(f"Invalid {name}: expected a real number, got {type(value).__name__}")
-    v = float(value)
-    ok = math.isfinite(v) and v >= low and (v < high if high_open else v <= high)
-    if not ok:
-        raise ValueError(f"Invalid {name}: {value}")
-
-
-def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        listed = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"Invalid {name}: {value!r} (expected one of {listed})")
 
 
 def normalise_groups(params: Any) -> list[dict]:
@@ -101,16 +95,22 @@ def check_disjoint(arrays: Iterable[tuple[str, np.ndarray]]) -> None:
                              "(the same array twice, or overlapping views, cannot be optimized)")
 
 
-def buffer_like(p: np.ndarray, fill: np.ndarray | float = 0.0) -> np.ndarray:
-    """A new C-contiguous array of p's shape and dtype whose address agrees
-    with p's modulo 64, filled with ``fill`` (a value or an array to copy).
+def buffer_like(p: np.ndarray, fill: np.ndarray | float = 0.0, dtype: str | None = None) -> np.ndarray:
+    """A new C-contiguous array of p's shape (and dtype, or the named one) whose
+    address agrees with p's modulo 64 in elements, filled with ``fill`` (a value
+    or an array to copy).
 
     The core aligns each run of a tensor to a 64-byte line of the param; state
     buffers that share the param's offset within a line are then aligned too,
     and no vector load or store straddles two cache lines.
     """
-    raw = np.empty(p.nbytes + 64, dtype=np.uint8)
-    start = (p.__array_interface__["data"][0] - raw.__array_interface__["data"][0]) % 64
-    out = raw[start:start + p.nbytes].view(p.dtype).reshape(p.shape)
+    dt = numpy_dtype(dtype, p.dtype)
+    nbytes = p.size * dt.itemsize
+    raw = np.empty(nbytes + 64, dtype=np.uint8)
+    # The same element offset within a line: a float32 buffer of a bfloat16 param sits at
+    # twice the param's byte offset, so a run aligned for one is aligned for both.
+    want = (p.__array_interface__["data"][0] % 64) // p.itemsize * dt.itemsize % 64
+    start = (want - raw.__array_interface__["data"][0]) % 64
+    out = raw[start:start + nbytes].view(dt).reshape(p.shape)
     out[...] = fill
     return out

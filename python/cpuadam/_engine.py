@@ -1,0 +1,880 @@
+# SPDX-License-Identifier: MIT
+"""The one step engine under both front-ends: options, validation, the reusable plan, one core call.
+
+The front-ends (optim.py for NumPy arrays, torch.py for torch tensors) hand the engine their
+param groups, their ``state`` mapping and an adapter that turns their objects into NumPy
+buffers. Everything else is here, once: hyperparameter checks, Keras's options (clipping, loss
+scale, accumulation, EMA, skipping non-finite steps, weight-decay masks, lr schedules), the
+precision options, sorting params into core batches, the plan reused between steps (checked
+against the live state every step), checkpoint validation, and the bookkeeping after the core
+call. The core (`_core`) then validates every buffer again before it writes a byte.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from cpuadam import _core
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_EPS_MODES = ("torch", "keras")
+_DECAY_MODES = ("lr", "independent")
+STATE_DTYPES = ("float32", "bfloat16")
+PARAM_UPDATES = ("nearest", "stochastic", "kahan", "master")
+# Float dtypes the fused kernel steps, by name.
+KERNEL_DTYPES = ("float32", "bfloat16", "float16")
+
+
+# --- checks shared by both front-ends ----------------------------------------------------
+
+def _as_real(value: Any, name: str) -> float:
+    """A number from a Python/NumPy scalar, a 0-d array or a one-element tensor."""
+    numel = getattr(value, "numel", None)
+    if callable(numel):  # a torch tensor (duck-typed: the engine never imports torch)
+        if numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element")
+        value = value.item()
+    elif isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "fiu":
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"Invalid {name}: expected a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_real(value: Any, name: str, low: float = 0.0, high: float = math.inf,
+               high_open: bool = False) -> float:
+    """torch.optim-style check: a real in [low, high) or [low, high], finite in float32.
+
+    Raises ValueError "Invalid {name}: {value}" (torch's wording) otherwise.
+    """
+    v = _as_real(value, name)
+    shown = value.item() if callable(getattr(value, "item", None)) and not isinstance(
+        value, (int, float)) else value
+    ok = math.isfinite(v) and v >= low and (v < high if high_open else v <= high)
+    if not ok:
+        raise ValueError(f"Invalid {name}: {shown}")
+    if abs(v) > _FLOAT32_MAX:
+        raise ValueError(f"Invalid {name}: {shown} (cannot be converted to float32 without "
+                         "overflow; the step computes in float32)")
+    return v
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        listed = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"Invalid {name}: {value!r} (expected one of {listed})")
+
+
+def _check_count(value: Any, name: str, low: int, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"Invalid {name}: {value!r} (expected an int >= {low})")
+
+
+# --- the update rules: what each optimizer's groups hold and how they become core scalars ---
+
+class _Adam:
+    name = "adam"
+    counts_steps = True
+    core_step = staticmethod(_core.adam_step)
+
+    @staticmethod
+    def check_group(group: dict, where: str) -> None:
+        lr = group["lr"]
+        if not callable(lr) or callable(getattr(lr, "numel", None)):
+            check_real(lr, "learning rate" + where)
+        check_real(group["eps"], "epsilon value" + where)
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"Invalid betas{where}: expected a pair (beta1, beta2), got {betas!r}")
+        check_real(betas[0], "beta parameter at index 0" + where, 0.0, 1.0, high_open=True)
+        check_real(betas[1], "beta parameter at index 1" + where, 0.0, 1.0, high_open=True)
+        check_real(group["weight_decay"], "weight_decay value" + where)
+        check_choice(group.get("eps_mode", "torch"), "eps_mode" + where, _EPS_MODES)
+        check_choice(group.get("decay_mode", "lr"), "decay_mode" + where, _DECAY_MODES)
+        if group.get("decay_mode", "lr") != "lr" and not group.get("decoupled_weight_decay"):
+            raise ValueError(f"decay_mode{where} applies to decoupled weight decay only (AdamW, "
+                             "or Adam with decoupled_weight_decay=True)")
+
+    @staticmethod
+    def state_keys(group: dict) -> tuple[str, ...]:
+        if group["amsgrad"]:
+            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+        return ("exp_avg", "exp_avg_sq")
+
+    @staticmethod
+    def scalars(group: dict, lr: float, key: Any) -> dict:
+        beta1, beta2 = group["betas"]
+        return {"step": key, "lr": lr, "beta1": float(beta1), "beta2": float(beta2),
+                "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"]),
+                "amsgrad": bool(group["amsgrad"]), "maximize": bool(group["maximize"]),
+                "decoupled": bool(group.get("decoupled_weight_decay", False)),
+                "decay_mode": group.get("decay_mode", "lr"),
+                "eps_mode": group.get("eps_mode", "torch")}
+
+
+class _Sgd:
+    name = "sgd"
+    counts_steps = False
+    core_step = staticmethod(_core.sgd_step)
+
+    @staticmethod
+    def check_group(group: dict, where: str) -> None:
+        lr = group["lr"]
+        if not callable(lr) or callable(getattr(lr, "numel", None)):
+            check_real(lr, "learning rate" + where)
+        check_real(group["momentum"], "momentum value" + where)
+        check_real(group["dampening"], "dampening value" + where, low=-math.inf)
+        check_real(group["weight_decay"], "weight_decay value" + where)
+        # torch checks only the constructor's defaults; in a group, nesterov without
+        # momentum changes nothing (there and here), and with dampening the core refuses it.
+        momentum, dampening = float(group["momentum"]), float(group["dampening"])
+        refused = (momentum != 0 and dampening != 0) if where else (momentum <= 0 or dampening != 0)
+        if group["nesterov"] and refused:
+            raise ValueError(f"Nesterov momentum{where} requires a momentum and zero dampening")
+
+    @staticmethod
+    def state_keys(group: dict) -> tuple[str, ...]:
+        return ("momentum_buffer",) if float(group["momentum"]) != 0 else ()
+
+    @staticmethod
+    def scalars(group: dict, lr: float, key: Any) -> dict:
+        momentum = float(group["momentum"])
+        return {"lr": lr, "momentum": momentum, "dampening": float(group["dampening"]),
+                "weight_decay": float(group["weight_decay"]),
+                "nesterov": bool(group["nesterov"]) and momentum != 0,
+                "maximize": bool(group["maximize"]), "momentum_first": key}
+
+
+RULES = {"adam": _Adam, "sgd": _Sgd}
+
+
+# --- loss scaling -------------------------------------------------------------------------
+
+class DynamicLossScale:
+    """A loss scale for float16 training that adapts to overflow.
+
+    Multiply the loss by ``scale`` before computing gradients and pass this
+    object as an optimizer's ``loss_scale_factor``: the optimizer divides the
+    grads by the scale inside its fused pass, skips any step whose grads hold
+    inf or NaN, halves the scale after such a step (``backoff_factor``) and
+    doubles it (``growth_factor``) after ``growth_interval`` finite steps in a
+    row, never going below ``min_scale``.
+    """
+
+    def __init__(self, initial_scale: float = 2.0**15, growth_interval: int = 2000,
+                 growth_factor: float = 2.0, backoff_factor: float = 0.5, min_scale: float = 1.0):
+        self.load_state_dict(dict(scale=initial_scale, growth_interval=growth_interval,
+                                  growth_factor=growth_factor, backoff_factor=backoff_factor,
+                                  min_scale=min_scale, good_steps=0), first=True)
+
+    def __repr__(self) -> str:
+        return (f"DynamicLossScale(scale={self.scale}, growth_interval={self.growth_interval}, "
+                f"good_steps={self.good_steps})")
+
+    def update(self, finite: bool) -> None:
+        """Adjusts the scale after a step whose grads were (not) all finite."""
+        if finite:
+            self.good_steps += 1
+            if self.good_steps >= self.growth_interval:
+                self.scale = min(self.scale * self.growth_factor, _FLOAT32_MAX)
+                self.good_steps = 0
+        else:
+            self.scale = max(self.scale * self.backoff_factor, self.min_scale)
+            self.good_steps = 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "growth_interval": self.growth_interval,
+                "growth_factor": self.growth_factor, "backoff_factor": self.backoff_factor,
+                "min_scale": self.min_scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict, first: bool = False) -> None:
+        """Restores a saved scale; every entry is checked first (nothing changes on error)."""
+        if not isinstance(state, dict):
+            raise ValueError("loss scale state must be a dict")
+        merged = {} if first else self.state_dict()
+        merged.update(state)
+        unknown = set(merged) - {"scale", "growth_interval", "growth_factor", "backoff_factor",
+                                 "min_scale", "good_steps"}
+        if unknown:
+            raise ValueError(f"loss scale state has unknown keys {sorted(unknown)}")
+        name = "initial_scale" if first else "loss scale 'scale'"
+        scale = check_real(merged["scale"], name)
+        if scale <= 0:
+            raise ValueError(f"Invalid {name}: {merged['scale']} (expected > 0)")
+        _check_count(merged["growth_interval"], "growth_interval", 1, allow_none=False)
+        _check_count(merged["good_steps"], "good_steps", 0, allow_none=False)
+        growth = check_real(merged["growth_factor"], "growth_factor", 1.0)
+        backoff = check_real(merged["backoff_factor"], "backoff_factor", 0.0, 1.0, high_open=True)
+        min_scale = check_real(merged["min_scale"], "min_scale")
+        self.scale = scale
+        self.growth_interval = int(merged["growth_interval"])
+        self.growth_factor = growth
+        self.backoff_factor = backoff
+        self.min_scale = min_scale
+        self.good_steps = int(merged["good_steps"])
+
+
+# --- options ------------------------------------------------------------------------------
+
+class Options:
+    """The options around the update, validated once (the same in both front-ends)."""
+
+    def __init__(self, *, clipnorm: float | None = None, clipvalue: float | None = None,
+                 global_clipnorm: float | None = None,
+                 loss_scale_factor: float | DynamicLossScale | None = None,
+                 gradient_accumulation_steps: int | None = None, use_ema: bool = False,
+                 ema_momentum: float = 0.99, ema_overwrite_frequency: int | None = None,
+                 skip_nonfinite: bool | None = None,
+                 weight_decay_mask: Callable[[str | None, Any], bool] | Sequence[bool] | None = None,
+                 exclude_from_weight_decay: Sequence[str] | str | None = None,
+                 state_dtype: str | None = "float32", param_update: str = "nearest",
+                 seed: int = 0):
+        for value, name in ((clipnorm, "clipnorm"), (clipvalue, "clipvalue"),
+                            (global_clipnorm, "global_clipnorm")):
+            if value is not None:
+                check_real(value, name)
+        # As in Keras, 0 (or None) turns a clipping option off.
+        clipnorm, clipvalue, global_clipnorm = (float(x) if x else None
+                                                for x in (clipnorm, clipvalue, global_clipnorm))
+        if sum(x is not None for x in (clipnorm, clipvalue, global_clipnorm)) > 1:
+            raise ValueError("Only one of clipnorm, clipvalue and global_clipnorm can be set")
+        if loss_scale_factor is not None and not isinstance(loss_scale_factor, DynamicLossScale):
+            if check_real(loss_scale_factor, "loss_scale_factor") <= 0:
+                raise ValueError(f"Invalid loss_scale_factor: {loss_scale_factor} (expected > 0)")
+            loss_scale_factor = float(loss_scale_factor)
+        _check_count(gradient_accumulation_steps, "gradient_accumulation_steps", 1)
+        check_real(ema_momentum, "ema_momentum", 0.0, 1.0)
+        _check_count(ema_overwrite_frequency, "ema_overwrite_frequency", 1)
+        if weight_decay_mask is not None and not callable(weight_decay_mask):
+            weight_decay_mask = [bool(x) for x in weight_decay_mask]
+        if isinstance(exclude_from_weight_decay, str):
+            exclude_from_weight_decay = [exclude_from_weight_decay]
+        if state_dtype is not None:
+            check_choice(state_dtype, "state_dtype", STATE_DTYPES)
+        check_choice(param_update, "param_update", PARAM_UPDATES)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**31:
+            raise ValueError(f"Invalid seed: {seed!r} (expected an int in [0, 2**31))")
+        self.clipnorm = clipnorm
+        self.clipvalue = clipvalue
+        self.global_clipnorm = global_clipnorm
+        self.loss_scale_factor = loss_scale_factor
+        self.gradient_accumulation_steps = int(gradient_accumulation_steps or 1)
+        self.use_ema = bool(use_ema)
+        self.ema_momentum = float(ema_momentum)
+        self.ema_overwrite_frequency = ema_overwrite_frequency
+        self.skip_nonfinite = (loss_scale_factor is not None) if skip_nonfinite is None \
+            else bool(skip_nonfinite)
+        self.weight_decay_mask = weight_decay_mask
+        self.exclude_from_weight_decay = None if exclude_from_weight_decay is None \
+            else list(exclude_from_weight_decay)
+        self.state_dtype = state_dtype
+        self.param_update = param_update
+        self.seed = int(seed)
+
+    @property
+    def has_masks(self) -> bool:
+        return self.weight_decay_mask is not None or self.exclude_from_weight_decay is not None
+
+    @property
+    def is_default(self) -> bool:
+        """True when no option changes the plain torch.optim step (and its checkpoint)."""
+        return (self.clipnorm is None and self.clipvalue is None and self.global_clipnorm is None
+                and self.loss_scale_factor is None and self.gradient_accumulation_steps == 1
+                and not self.use_ema and not self.skip_nonfinite and not self.has_masks)
+
+
+# --- the plan -----------------------------------------------------------------------------
+
+class _Member:
+    """One param of a planned batch: where it lives, and the objects its views were made of."""
+
+    __slots__ = ("flat", "gi", "pi", "skey", "param", "state", "objs", "ptrs")
+
+    def __init__(self, flat: int, gi: int, pi: int, skey: Any, param: Any, state: dict,
+                 objs: tuple, ptrs: tuple):
+        self.flat, self.gi, self.pi, self.skey, self.param = flat, gi, pi, skey, param
+        self.state, self.objs, self.ptrs = state, objs, ptrs
+
+
+class _Batch:
+    """Params of one group that share a step count, decay, dtypes and state layout."""
+
+    __slots__ = ("gi", "key", "decays", "dtypes", "keys", "members", "lists")
+
+    def __init__(self, gi: int, key: Any, decays: bool, dtypes: tuple, keys: tuple):
+        self.gi, self.key, self.decays, self.dtypes, self.keys = gi, key, decays, dtypes, keys
+        self.members: list[_Member] = []
+        self.lists: dict[str, list] = {}
+
+
+class _Plan:
+    def __init__(self, key: tuple):
+        self.key = key
+        self.batches: list[_Batch] = []
+        self.ema_only: list[tuple[int, Any, Any]] = []      # (flat, state key, param): averaged only
+        self.accumulators_left: list[Any] = []               # state keys: restart, no grad this call
+        self.pending: dict[Any, dict] = {}                   # new states, committed on success
+
+
+class Adapter:
+    """How a front-end's objects become buffers. Subclassed by optim.py and torch.py."""
+
+    #: The front-end's counts are core-written one-element float buffers (torch's 'step' tensors).
+    step_buffers = False
+
+    def view(self, obj: Any, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def grad_view(self, grad: Any, param: Any, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def ptr(self, obj: Any) -> int:
+        """Where obj's data lives now (a tensor's .data can be swapped); 0 if it cannot move."""
+        return 0
+
+    def dtype_name(self, obj: Any) -> str:
+        raise NotImplementedError
+
+    def new_buffer(self, param: Any, dtype: str | None, fill: Any = None) -> Any:
+        """A zeroed buffer of param's shape (dtype None: param's dtype); fill: a param to copy."""
+        raise NotImplementedError
+
+    def new_state(self) -> dict:
+        return {}
+
+    def get_step(self, state: dict) -> int:
+        return int(state["step"])
+
+    def set_step(self, state: dict, value: int) -> None:
+        state["step"] = value
+
+    def copy_into(self, dst: Any, src: Any) -> None:
+        np.copyto(self.view(dst, "ema"), self.view(src, "param"))
+
+    def mark_updated(self, params: list) -> None:
+        """Tells the front-end which params the core wrote (torch bumps autograd versions)."""
+
+
+def param_name(gi: int, pi: int) -> str:
+    return f"params[{pi}] in group {gi}"
+
+
+class Engine:
+    """Owns the options, counters and plan of one optimizer; steps its params in one core call."""
+
+    def __init__(self, rule: str, options: Options, adapter: Adapter):
+        self.rule = RULES[rule]
+        self.options = options
+        self.adapter = adapter
+        #: Updates applied so far; an lr callable sees iterations + 1.
+        self.iterations = 0
+        #: Steps skipped because a grad held inf or NaN.
+        self.skipped_steps = 0
+        self.accumulated_calls = 0
+        self._plan: _Plan | None = None
+        self._flat_count = 0
+        self._checked: dict[int, tuple] = {}
+        self._lock = threading.Lock()
+
+    # --- groups ---------------------------------------------------------------------------
+    def check_group(self, group: dict, where: str) -> None:
+        self.rule.check_group(group, where)
+
+    def init_group(self, group: dict, gi: int) -> None:
+        """Computes a new group's weight-decay mask (only when a mask option is set)."""
+        opts = self.options
+        n = len(group["params"])
+        if "decay_mask" in group:
+            if len(group["decay_mask"]) != n:
+                raise ValueError(f"decay_mask in group {gi} has {len(group['decay_mask'])} "
+                                 f"entries for {n} params")
+        elif opts.has_masks:
+            names = group.get("param_names")
+            mask = []
+            for i, p in enumerate(group["params"]):
+                name = names[i] if names else None
+                decays = True
+                fn = opts.weight_decay_mask
+                if callable(fn):
+                    decays = bool(fn(name, p))
+                elif fn is not None and self._flat_count + i < len(fn):
+                    decays = fn[self._flat_count + i]
+                if opts.exclude_from_weight_decay is not None:
+                    if name is None:
+                        raise ValueError("exclude_from_weight_decay selects params by name: give "
+                                         "them as (name, param) pairs (e.g. named_parameters()), "
+                                         "or use weight_decay_mask")
+                    decays = decays and not any(re.search(pattern, name)
+                                                for pattern in opts.exclude_from_weight_decay)
+                mask.append(decays)
+            group["decay_mask"] = mask
+        self._flat_count += n
+        self._plan = None
+
+    def check_mask_length(self) -> None:
+        mask = self.options.weight_decay_mask
+        if mask is not None and not callable(mask) and len(mask) != self._flat_count:
+            raise ValueError(f"weight_decay_mask has {len(mask)} entries for "
+                             f"{self._flat_count} params")
+
+    def check_groups(self, groups: list[dict]) -> None:
+        """Each group's hyperparameters, re-checked only when one of them changed."""
+        checked = self._checked
+        for gi, group in enumerate(groups):
+            sig = tuple(group.values())
+            old = checked.get(id(group))
+            try:
+                same = old is not None and old[0] is group and old[1] == sig
+            except (RuntimeError, ValueError):  # multi-element tensors do not compare to bool
+                same = False
+            if not same:
+                self.rule.check_group(group, f" in group {gi}")
+                checked[id(group)] = (group, sig)
+
+    # --- the step -------------------------------------------------------------------------
+    def step(self, groups: list[dict], state: Any, grads: list, skeys: list) -> dict:
+        """One update of every param whose grad is not None.
+
+        grads and skeys are in flat param order (skeys: each param's key in ``state``).
+        Returns the core's result ({'applied', 'finite', 'global_norm'}) or None when the
+        call only accumulated. Nothing changes when it raises.
+        """
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("this optimizer is already stepping in another thread; an "
+                               "optimizer must be stepped by one thread at a time")
+        try:
+            return self._step(groups, state, grads, skeys)
+        finally:
+            self._lock.release()
+
+    def _step(self, groups: list[dict], state: Any, grads: list, skeys: list) -> dict | None:
+        opts = self.options
+        self.check_groups(groups)
+        accumulating = opts.gradient_accumulation_steps > 1
+        if accumulating and self.accumulated_calls + 1 < opts.gradient_accumulation_steps:
+            self._accumulate(groups, state, grads, skeys)
+            self.accumulated_calls += 1
+            return None
+        key = self._plan_key(groups, grads)
+        plan = self._plan
+        batches = None
+        if plan is not None and plan.key == key:
+            batches = self._gather(plan, groups, state, grads, live=True)
+        if batches is None:
+            plan = self._make_plan(key, groups, state, grads, skeys)
+            batches = self._gather(plan, groups, state, grads, live=False)
+        result = self.rule.core_step(batches, global_clipnorm=opts.global_clipnorm,
+                                     skip_nonfinite=opts.skip_nonfinite)
+        if isinstance(opts.loss_scale_factor, DynamicLossScale):
+            opts.loss_scale_factor.update(result["finite"])
+        if not result["applied"]:
+            self.skipped_steps += 1
+            if accumulating:
+                self._reset_accumulators(state)
+            self._plan = None
+            return result
+        self._commit(plan, groups, state)
+        return result
+
+    def _plan_key(self, groups: list[dict], grads: list) -> tuple:
+        return (tuple(g is None for g in grads),
+                tuple((id(g["params"]), len(g["params"]), self.rule.state_keys(g),
+                       tuple(g.get("decay_mask", ()))) for g in groups))
+
+    def _state_dtype(self, param_dtype: str) -> str:
+        wanted = self.options.state_dtype
+        if wanted is None:  # torch.optim's rule: moments in the param's dtype
+            return param_dtype if param_dtype in STATE_DTYPES else "float32"
+        return wanted
+
+    def _param_update(self, param_dtype: str) -> str:
+        return "nearest" if param_dtype == "float32" else self.options.param_update
+
+    def _make_plan(self, key: tuple, groups: list[dict], state: Any, grads: list,
+                   skeys: list) -> _Plan:
+        """Sorts the params with grads into batches (group, step count, decay, dtypes) and
+        creates missing state in plan.pending, committed only after the core succeeds."""
+        adapter, opts, rule = self.adapter, self.options, self.rule
+        plan = _Plan(key)
+        accumulating = opts.gradient_accumulation_steps > 1
+        flat = 0
+        for gi, group in enumerate(groups):
+            keys = rule.state_keys(group)
+            by_key: dict[Any, _Batch] = {}
+            mask = group.get("decay_mask")
+            for pi, p in enumerate(group["params"]):
+                g, k, skey = grads[flat], flat, skeys[flat]
+                flat += 1
+                st = state.get(skey)
+                if g is None:
+                    if opts.use_ema:
+                        if not st or "ema" not in st:
+                            plan.pending[skey] = dict(st or adapter.new_state(),
+                                                      ema=adapter.new_buffer(p, "float32", fill=p))
+                        plan.ema_only.append((k, skey, p))
+                    if accumulating and st and "grad_accum" in st:
+                        plan.accumulators_left.append(skey)
+                    continue
+                name = param_name(gi, pi)
+                pdtype = adapter.dtype_name(p)
+                if pdtype not in KERNEL_DTYPES:
+                    adapter.view(p, name)  # raises the front-end's error for this param
+                    raise TypeError(f"{name}: dtype {pdtype} is not supported by the fused step")
+                sdtype = self._state_dtype(pdtype)
+                update = self._param_update(pdtype)
+                wanted = list(keys)
+                if update == "master":
+                    wanted.append("master_param")
+                elif update == "kahan":
+                    wanted.append("kahan_comp")
+                if accumulating:
+                    wanted.append("grad_accum")
+                if opts.use_ema:
+                    wanted.append("ema")
+                missing = [sk for sk in wanted if not st or st.get(sk) is None]
+                fresh_moments = any(sk in keys for sk in missing)
+                if missing or not st:
+                    st = dict(st) if st else adapter.new_state()
+                    for sk in missing:
+                        if sk == "ema" or sk == "master_param":
+                            st[sk] = adapter.new_buffer(p, "float32", fill=p)
+                        elif sk == "grad_accum":
+                            st[sk] = adapter.new_buffer(p, "float32")
+                        elif sk == "kahan_comp":
+                            st[sk] = adapter.new_buffer(p, None)
+                        else:
+                            st[sk] = adapter.new_buffer(p, sdtype)
+                    plan.pending[skey] = st
+                if rule.counts_steps:
+                    if "step" not in st:
+                        raise ValueError(f"state of {name} has moments but no 'step'")
+                    bkey = adapter.get_step(st) + 1
+                else:
+                    bkey = fresh_moments
+                decays = True if mask is None else bool(mask[pi])
+                dtypes = (pdtype, adapter.dtype_name(g), sdtype, update)
+                batch = by_key.get((bkey, decays, dtypes))
+                if batch is None:
+                    batch = by_key[(bkey, decays, dtypes)] = _Batch(gi, bkey, decays, dtypes,
+                                                                   tuple(wanted))
+                objs = tuple(st[sk] for sk in wanted)
+                ptrs = (adapter.ptr(p),) + tuple(adapter.ptr(o) for o in objs)
+                batch.members.append(_Member(k, gi, pi, skey, p, st, objs, ptrs))
+            plan.batches.extend(by_key.values())
+        for batch in plan.batches:
+            self._build_lists(batch)
+        return plan
+
+    def _build_lists(self, batch: _Batch) -> None:
+        """The batch's buffer lists (views made once, reused while the plan lives)."""
+        adapter = self.adapter
+        lists: dict[str, list] = {"params": [], "indices": []}
+        names = {"exp_avg": "exp_avgs", "exp_avg_sq": "exp_avg_sqs",
+                 "max_exp_avg_sq": "max_exp_avg_sqs", "momentum_buffer": "momentum_buffers",
+                 "master_param": "masters", "kahan_comp": "kahan_comps",
+                 "grad_accum": "grad_accums", "ema": "emas"}
+        for sk in batch.keys:
+            lists[names[sk]] = []
+        if adapter.step_buffers and self.rule.counts_steps:
+            lists["step_buffers"] = []
+        for m in batch.members:
+            name = param_name(m.gi, m.pi)
+            lists["params"].append(adapter.view(m.param, name))
+            lists["indices"].append(m.pi)
+            for sk, obj in zip(batch.keys, m.objs):
+                lists[names[sk]].append(adapter.view(obj, f"{sk} of {name}"))
+            if "step_buffers" in lists:
+                lists["step_buffers"].append(adapter.step_view(m.state, name))
+        batch.lists = lists
+
+    def _alive(self, plan: _Plan, groups: list[dict], state: Any) -> bool:
+        """Whether every planned member still is what its views were made of: the same param
+        in the same place, the same state dict and buffers at the same addresses, and (Adam)
+        the live step count the batch expects. Edits, loads and clears fail this check."""
+        adapter = self.adapter
+        counts = self.rule.counts_steps
+        get = state.get
+        for batch in plan.batches:
+            expected = batch.key - 1 if counts else None
+            params = groups[batch.gi]["params"]
+            for m in batch.members:
+                st = plan.pending.get(m.skey) or get(m.skey)
+                if st is not m.state or params[m.pi] is not m.param:
+                    return False
+                for sk, obj in zip(batch.keys, m.objs):
+                    if st.get(sk) is not obj:
+                        return False
+                if m.ptrs[0] and adapter.ptr(m.param) != m.ptrs[0]:
+                    return False
+                for obj, ptr in zip(m.objs, m.ptrs[1:]):
+                    if ptr and adapter.ptr(obj) != ptr:
+                        return False
+                if counts and adapter.get_step(st) != expected:
+                    return False
+        return True
+
+    def _gather(self, plan: _Plan, groups: list[dict], state: Any, grads: list,
+                live: bool) -> list[dict] | None:
+        """This step's batch dicts; None if the plan no longer describes the live state."""
+        if live and (plan.pending or not self._alive(plan, groups, state)):
+            return None
+        for _, skey, _ in plan.ema_only:
+            st = plan.pending.get(skey) or state.get(skey)
+            if not st or "ema" not in st:
+                return None
+        opts, adapter, rule = self.options, self.adapter, self.rule
+        grad_scale = self._grad_scale()
+        ema_momentum = opts.ema_momentum if self.iterations > 0 else 0.0
+        lrs = [self._current_lr(group) for group in groups]
+        out = []
+        for batch in plan.batches:
+            group = groups[batch.gi]
+            d = dict(batch.lists)
+            d["grads"] = [adapter.grad_view(grads[m.flat], m.param, param_name(m.gi, m.pi))
+                          for m in batch.members]
+            d.update(rule.scalars(group, lrs[batch.gi], batch.key))
+            d["group"] = batch.gi
+            d["grad_scale"] = grad_scale
+            d["clipnorm"] = opts.clipnorm
+            d["clipvalue"] = opts.clipvalue
+            pdtype, gdtype, sdtype, update = batch.dtypes
+            if (pdtype, gdtype, sdtype) != ("float32", "float32", "float32"):
+                d["param_dtype"], d["grad_dtype"], d["state_dtype"] = pdtype, gdtype, sdtype
+            if update != "nearest":
+                d["param_update"] = update
+                if update == "stochastic":
+                    d["seed"] = opts.seed
+                    d["rounding_step"] = batch.key if rule.counts_steps else self.iterations + 1
+                    d["stream_ids"] = [m.flat for m in batch.members]
+            if not batch.decays:
+                d["weight_decay"] = 0.0
+            if "emas" in d:
+                d["ema_momentum"] = ema_momentum
+            out.append(d)
+        return out
+
+    def _commit(self, plan: _Plan, groups: list[dict], state: Any) -> None:
+        """Bookkeeping after the core applied an update."""
+        opts, adapter = self.options, self.adapter
+        for skey, st in plan.pending.items():
+            state[skey] = st
+        plan.pending = {}
+        if self.rule.counts_steps:
+            write = not adapter.step_buffers
+            for batch in plan.batches:
+                if write:
+                    for m in batch.members:
+                        adapter.set_step(m.state, batch.key)
+                batch.key += 1
+        else:
+            for batch in plan.batches:
+                batch.key = False  # a momentum buffer is new for one step only
+        if opts.use_ema:
+            momentum = opts.ema_momentum if self.iterations > 0 else 0.0
+            for _, skey, p in plan.ema_only:  # averaged at their unchanged value, as Keras does
+                avg = adapter.view(state[skey]["ema"], "ema")
+                pv = adapter.view(p, "param").astype(np.float32)
+                avg *= momentum
+                avg += (1.0 - momentum) * pv
+        if opts.gradient_accumulation_steps > 1:
+            for skey in plan.accumulators_left:  # no grad this call: the window restarts anyway
+                adapter.view(state[skey]["grad_accum"], "grad_accum").fill(0)
+        self.accumulated_calls = 0
+        self.iterations += 1
+        adapter.mark_updated([m.param for b in plan.batches for m in b.members])
+        self._plan = plan
+        if opts.use_ema and opts.ema_overwrite_frequency and \
+                self.iterations % opts.ema_overwrite_frequency == 0:
+            self.finalize(groups, state, self._skeys_of(groups))
+
+    def _skeys_of(self, groups: list[dict]) -> list:
+        return self.adapter.state_keys(groups)
+
+    def _current_lr(self, group: dict) -> float:
+        lr = group["lr"]
+        if callable(lr) and not callable(getattr(lr, "numel", None)):
+            return check_real(lr(self.iterations + 1), "learning rate from the schedule")
+        return _as_real(lr, "learning rate")
+
+    def _grad_scale(self) -> float:
+        opts = self.options
+        scale = 1.0
+        factor = opts.loss_scale_factor
+        if factor is not None:
+            scale /= factor.scale if isinstance(factor, DynamicLossScale) else factor
+        if opts.gradient_accumulation_steps > 1:
+            scale /= opts.gradient_accumulation_steps
+        return scale
+
+    # --- accumulation -----------------------------------------------------------------------
+    def _accumulate(self, groups: list[dict], state: Any, grads: list, skeys: list) -> None:
+        adapter = self.adapter
+        batches: dict[tuple, dict] = {}
+        fresh = []
+        flat = 0
+        for gi, group in enumerate(groups):
+            for pi, p in enumerate(group["params"]):
+                g, skey = grads[flat], skeys[flat]
+                flat += 1
+                if g is None:
+                    continue
+                name = param_name(gi, pi)
+                st = state.get(skey)
+                acc = st.get("grad_accum") if st else None
+                if acc is None:
+                    acc = adapter.new_buffer(p, "float32")
+                    fresh.append((skey, acc))
+                gdtype = adapter.dtype_name(g)
+                batch = batches.setdefault((gi, gdtype), {"grads": [], "grad_accums": [],
+                                                          "group": gi, "indices": []})
+                if gdtype != "float32":
+                    batch["grad_dtype"] = gdtype
+                batch["grads"].append(adapter.grad_view(g, p, name))
+                batch["grad_accums"].append(adapter.view(acc, f"grad_accum of {name}"))
+                batch["indices"].append(pi)
+        _core.accumulate(list(batches.values()))
+        for skey, acc in fresh:
+            st = state.get(skey)
+            if not st:
+                state[skey] = st = adapter.new_state()
+            st["grad_accum"] = acc
+        self._plan = None
+
+    def _reset_accumulators(self, state: Any) -> None:
+        for st in list(state.values()):
+            if isinstance(st, dict) and st.get("grad_accum") is not None:
+                self.adapter.view(st["grad_accum"], "grad_accum").fill(0)
+        self.accumulated_calls = 0
+
+    # --- EMA ----------------------------------------------------------------------------------
+    def ema_params(self, groups: list[dict], state: Any, skeys: list) -> list:
+        if not self.options.use_ema:
+            raise RuntimeError("ema_params() needs use_ema=True")
+        out = []
+        for skey in skeys:
+            st = state.get(skey)
+            out.append(st.get("ema") if st else None)
+        return out
+
+    def finalize(self, groups: list[dict], state: Any, skeys: list) -> None:
+        """Copies the moving averages into the params (Keras's finalize_variable_values)."""
+        if not self.options.use_ema:
+            return
+        params = [p for g in groups for p in g["params"]]
+        for p, avg in zip(params, self.ema_params(groups, state, skeys)):
+            if avg is not None:
+                self.adapter.assign(p, avg)
+
+    def swap_ema(self, groups: list[dict], state: Any, skeys: list) -> None:
+        """Exchanges params and their moving averages, e.g. around an evaluation."""
+        params = [p for g in groups for p in g["params"]]
+        for p, avg in zip(params, self.ema_params(groups, state, skeys)):
+            if avg is not None:
+                self.adapter.swap(p, avg)
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def extra_state(self) -> dict:
+        extra = {"iterations": self.iterations, "skipped_steps": self.skipped_steps,
+                 "accumulated_calls": self.accumulated_calls}
+        if isinstance(self.options.loss_scale_factor, DynamicLossScale):
+            extra["loss_scale"] = self.options.loss_scale_factor.state_dict()
+        return extra
+
+    def load_extra_state(self, state_dict: dict) -> Callable[[], None]:
+        """Checks the optimizer-wide entries of a checkpoint; returns what applies them."""
+        counters = {}
+        for key in ("iterations", "skipped_steps", "accumulated_calls"):
+            value = state_dict.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"loaded state dict has an invalid '{key}': {value!r}")
+            counters[key] = int(value)
+        if counters["accumulated_calls"] >= self.options.gradient_accumulation_steps > 1:
+            raise ValueError("loaded state dict has an invalid 'accumulated_calls': "
+                             f"{counters['accumulated_calls']} (gradient_accumulation_steps is "
+                             f"{self.options.gradient_accumulation_steps})")
+        loss_scale = state_dict.get("loss_scale")
+        factor = self.options.loss_scale_factor
+        checked = None
+        if loss_scale is not None:
+            if not isinstance(loss_scale, dict):
+                raise ValueError("loaded state dict has an invalid 'loss_scale'")
+            if isinstance(factor, DynamicLossScale):
+                checked = DynamicLossScale.__new__(DynamicLossScale)
+                checked.__dict__.update(factor.state_dict())
+                try:
+                    checked.load_state_dict(loss_scale)
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"loaded state dict has an invalid 'loss_scale': {e}") from None
+
+        def apply() -> None:
+            self.iterations = counters["iterations"]
+            self.skipped_steps = counters["skipped_steps"]
+            self.accumulated_calls = counters["accumulated_calls"]
+            self._plan = None
+            if checked is not None:
+                factor.load_state_dict(checked.state_dict())
+        return apply
+
+    def check_param_state(self, entry: Any, name: str, shape: tuple, view: Callable) -> None:
+        """Checks one param's loaded state: its keys, step count and buffer shapes.
+
+        view(value) gives the value as a NumPy array (or raises) for shape checks.
+        """
+        if not isinstance(entry, dict):
+            raise ValueError(f"loaded state for {name} must be a dict, got {type(entry).__name__}")
+        if self.rule.counts_steps:
+            has_moments = any(k in entry for k in ("exp_avg", "exp_avg_sq"))
+            if has_moments and not all(k in entry for k in ("exp_avg", "exp_avg_sq")):
+                raise ValueError(f"loaded state for {name} has only one of 'exp_avg' and "
+                                 "'exp_avg_sq'")
+            if has_moments and "step" not in entry:
+                raise ValueError(f"loaded state for {name} has moments but no 'step'")
+            if "momentum_buffer" in entry:
+                raise ValueError(f"loaded state for {name} has a 'momentum_buffer': a checkpoint "
+                                 "of SGD cannot be loaded into Adam/AdamW")
+            if "step" in entry:
+                check_step_value(entry["step"], f"'step' of {name}")
+        elif "exp_avg" in entry or "step" in entry:
+            raise ValueError(f"loaded state for {name} has Adam's entries ('step'/'exp_avg'): "
+                             "a checkpoint of Adam cannot be loaded into SGD")
+        for key, value in entry.items():
+            if key == "step" or value is None:
+                continue
+            try:
+                arr = view(value)
+            except (TypeError, ValueError, RuntimeError):
+                continue  # not a buffer: a hook's flag, kept as it is
+            if arr is None:
+                continue
+            if tuple(arr.shape) != tuple(shape):
+                raise ValueError(f"loaded state '{key}' for {name} has shape {tuple(arr.shape)}, "
+                                 f"expected {tuple(shape)}")
+            if arr.dtype.kind not in "fV" and not (arr.dtype.kind in "ui" and arr.itemsize == 2):
+                raise ValueError(f"loaded state '{key}' for {name} has dtype {arr.dtype}, "
+                                 "expected a floating-point array")
+
+
+def check_step_value(value: Any, name: str) -> int:
+    """A checkpoint's step count: an integral, finite, non-negative number below 2**53."""
+    numel = getattr(value, "numel", None)
+    if callable(numel):
+        if numel() != 1:
+            raise ValueError(f"loaded {name} must hold one number")
+        value = value.item()
+    elif isinstance(value, np.ndarray):
+        if value.size != 1:
+            raise ValueError(f"loaded {name} must hold one number")
+        value = value.reshape(()).item()
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"loaded {name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v) or v < 0 or v != math.floor(v) or v >= 2.0**53:
+        raise ValueError(f"loaded {name} is {value!r}; expected a whole number in [0, 2**53)")
+    return int(v)
