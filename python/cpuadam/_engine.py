@@ -82,7 +82,10 @@ def _check_count(value: Any, name: str, low: int, allow_none: bool = True) -> No
 class _Adam:
     name = "adam"
     counts_steps = True
-    core_step = staticmethod(_core.adam_step)
+
+    @staticmethod
+    def core_step(batches: list, **kw: Any) -> dict:
+        return _core.adam_step(batches, **kw)
 
     @staticmethod
     def check_group(group: dict, where: str) -> None:
@@ -122,7 +125,10 @@ class _Adam:
 class _Sgd:
     name = "sgd"
     counts_steps = False
-    core_step = staticmethod(_core.sgd_step)
+
+    @staticmethod
+    def core_step(batches: list, **kw: Any) -> dict:
+        return _core.sgd_step(batches, **kw)
 
     @staticmethod
     def check_group(group: dict, where: str) -> None:
@@ -295,12 +301,16 @@ class Options:
 class _Member:
     """One param of a planned batch: where it lives, and the objects its views were made of."""
 
-    __slots__ = ("flat", "gi", "pi", "skey", "param", "state", "objs", "ptrs")
+    __slots__ = ("flat", "gi", "pi", "skey", "param", "state", "objs", "ptrs", "step_obj",
+                 "step_view")
 
     def __init__(self, flat: int, gi: int, pi: int, skey: Any, param: Any, state: dict,
                  objs: tuple, ptrs: tuple):
         self.flat, self.gi, self.pi, self.skey, self.param = flat, gi, pi, skey, param
         self.state, self.objs, self.ptrs = state, objs, ptrs
+        # A front-end's step tensor and its view (the core writes the new count there).
+        self.step_obj = state.get("step") if state else None
+        self.step_view = None
 
 
 class _Batch:
@@ -349,6 +359,14 @@ class Adapter:
     def new_state(self) -> dict:
         return {}
 
+    def step_view(self, state: dict, name: str) -> np.ndarray:
+        """A one-element float32/float64 view of the state's step tensor (step_buffers only)."""
+        raise NotImplementedError
+
+    def float32_of(self, obj: Any) -> np.ndarray:
+        """A float32 copy of a param's values."""
+        raise NotImplementedError
+
     def get_step(self, state: dict) -> int:
         return int(state["step"])
 
@@ -378,7 +396,7 @@ class Engine:
         #: Steps skipped because a grad held inf or NaN.
         self.skipped_steps = 0
         self.accumulated_calls = 0
-        self._plan: _Plan | None = None
+        self._plans: dict[tuple, _Plan] = {}
         self._flat_count = 0
         self._checked: dict[int, tuple] = {}
         self._lock = threading.Lock()
@@ -416,7 +434,7 @@ class Engine:
                 mask.append(decays)
             group["decay_mask"] = mask
         self._flat_count += n
-        self._plan = None
+        self._plans.clear()
 
     def check_mask_length(self) -> None:
         mask = self.options.weight_decay_mask
@@ -439,37 +457,46 @@ class Engine:
                 checked[id(group)] = (group, sig)
 
     # --- the step -------------------------------------------------------------------------
-    def step(self, groups: list[dict], state: Any, grads: list, skeys: list) -> dict:
+    def step(self, groups: list[dict], state: Any, grads: Any, skeys: Any, *,
+             targets: list[int] | None = None, amp_scale: float | None = None) -> dict | None:
         """One update of every param whose grad is not None.
 
-        grads and skeys are in flat param order (skeys: each param's key in ``state``).
-        Returns the core's result ({'applied', 'finite', 'global_norm'}) or None when the
-        call only accumulated. Nothing changes when it raises.
+        grads and skeys are indexed by flat param position (skeys: each param's key in
+        ``state``). targets, if given, lists the only flat positions to step (a step in
+        backward): no accumulation, no averaging of other params, iterations not advanced.
+        amp_scale: a GradScaler's scale, divided out inside the pass. Returns the core's
+        result ({'applied', 'finite', 'global_norm'}), or None when the call only
+        accumulated. Nothing changes when it raises.
         """
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("this optimizer is already stepping in another thread; an "
                                "optimizer must be stepped by one thread at a time")
         try:
-            return self._step(groups, state, grads, skeys)
+            return self._step(groups, state, grads, skeys, targets, amp_scale)
         finally:
             self._lock.release()
 
-    def _step(self, groups: list[dict], state: Any, grads: list, skeys: list) -> dict | None:
+    def _step(self, groups: list[dict], state: Any, grads: Any, skeys: Any,
+              targets: list[int] | None, amp_scale: float | None) -> dict | None:
         opts = self.options
         self.check_groups(groups)
         accumulating = opts.gradient_accumulation_steps > 1
+        if targets is not None and accumulating:
+            raise ValueError("gradient_accumulation_steps does not combine with stepping in "
+                             "backward: each backward is one step")
         if accumulating and self.accumulated_calls + 1 < opts.gradient_accumulation_steps:
             self._accumulate(groups, state, grads, skeys)
             self.accumulated_calls += 1
             return None
-        key = self._plan_key(groups, grads)
-        plan = self._plan
+        key = self._plan_key(groups, grads, targets)
+        plans = self._plans
+        plan = plans.get(key)
         batches = None
-        if plan is not None and plan.key == key:
-            batches = self._gather(plan, groups, state, grads, live=True)
+        if plan is not None:
+            batches = self._gather(plan, groups, state, grads, live=True, amp_scale=amp_scale)
         if batches is None:
-            plan = self._make_plan(key, groups, state, grads, skeys)
-            batches = self._gather(plan, groups, state, grads, live=False)
+            plan = self._make_plan(key, groups, state, grads, skeys, targets)
+            batches = self._gather(plan, groups, state, grads, live=False, amp_scale=amp_scale)
         result = self.rule.core_step(batches, global_clipnorm=opts.global_clipnorm,
                                      skip_nonfinite=opts.skip_nonfinite)
         if isinstance(opts.loss_scale_factor, DynamicLossScale):
@@ -478,15 +505,23 @@ class Engine:
             self.skipped_steps += 1
             if accumulating:
                 self._reset_accumulators(state)
-            self._plan = None
+            plans.pop(key, None)
             return result
-        self._commit(plan, groups, state)
+        self._commit(plan, groups, state, count=targets is None)
+        if len(plans) >= 64 and key not in plans:
+            plans.clear()  # patterns of grads present vary without end: keep the newest
+        plans[key] = plan
         return result
 
-    def _plan_key(self, groups: list[dict], grads: list) -> tuple:
-        return (tuple(g is None for g in grads),
+    def _plan_key(self, groups: list[dict], grads: Any, targets: list[int] | None) -> tuple:
+        present = tuple(targets) if targets is not None else tuple(g is None for g in grads)
+        return (present,
                 tuple((id(g["params"]), len(g["params"]), self.rule.state_keys(g),
                        tuple(g.get("decay_mask", ()))) for g in groups))
+
+    def forget_plans(self) -> None:
+        """Drops every plan (groups added, state loaded): the next step plans afresh."""
+        self._plans.clear()
 
     def _state_dtype(self, param_dtype: str) -> str:
         wanted = self.options.state_dtype
@@ -494,24 +529,37 @@ class Engine:
             return param_dtype if param_dtype in STATE_DTYPES else "float32"
         return wanted
 
+    def buffer_dtype(self, key: str, param_dtype: str) -> str:
+        """The dtype of a state buffer of a param of param_dtype."""
+        if key in ("master_param", "ema", "grad_accum"):
+            return "float32"
+        if key == "kahan_comp":
+            return param_dtype
+        return self._state_dtype(param_dtype)
+
     def _param_update(self, param_dtype: str) -> str:
         return "nearest" if param_dtype == "float32" else self.options.param_update
 
-    def _make_plan(self, key: tuple, groups: list[dict], state: Any, grads: list,
-                   skeys: list) -> _Plan:
+    def _make_plan(self, key: tuple, groups: list[dict], state: Any, grads: Any, skeys: Any,
+                   targets: list[int] | None) -> _Plan:
         """Sorts the params with grads into batches (group, step count, decay, dtypes) and
         creates missing state in plan.pending, committed only after the core succeeds."""
         adapter, opts, rule = self.adapter, self.options, self.rule
         plan = _Plan(key)
         accumulating = opts.gradient_accumulation_steps > 1
         flat = 0
+        wanted_flat = None if targets is None else set(targets)
         for gi, group in enumerate(groups):
             keys = rule.state_keys(group)
             by_key: dict[Any, _Batch] = {}
             mask = group.get("decay_mask")
             for pi, p in enumerate(group["params"]):
-                g, k, skey = grads[flat], flat, skeys[flat]
+                k = flat
                 flat += 1
+                if wanted_flat is not None:
+                    if k not in wanted_flat:
+                        continue
+                g, skey = grads[k], skeys[k]
                 st = state.get(skey)
                 if g is None:
                     if opts.use_ema:
@@ -540,17 +588,11 @@ class Engine:
                     wanted.append("ema")
                 missing = [sk for sk in wanted if not st or st.get(sk) is None]
                 fresh_moments = any(sk in keys for sk in missing)
-                if missing or not st:
+                if missing or (not st and rule.counts_steps):
                     st = dict(st) if st else adapter.new_state()
                     for sk in missing:
-                        if sk == "ema" or sk == "master_param":
-                            st[sk] = adapter.new_buffer(p, "float32", fill=p)
-                        elif sk == "grad_accum":
-                            st[sk] = adapter.new_buffer(p, "float32")
-                        elif sk == "kahan_comp":
-                            st[sk] = adapter.new_buffer(p, None)
-                        else:
-                            st[sk] = adapter.new_buffer(p, sdtype)
+                        fill = p if sk in ("ema", "master_param") else None
+                        st[sk] = adapter.new_buffer(p, self.buffer_dtype(sk, pdtype), fill=fill)
                     plan.pending[skey] = st
                 if rule.counts_steps:
                     if "step" not in st:
@@ -591,7 +633,8 @@ class Engine:
             for sk, obj in zip(batch.keys, m.objs):
                 lists[names[sk]].append(adapter.view(obj, f"{sk} of {name}"))
             if "step_buffers" in lists:
-                lists["step_buffers"].append(adapter.step_view(m.state, name))
+                m.step_view = adapter.step_view(m.state, name)
+                lists["step_buffers"].append(m.step_view)
         batch.lists = lists
 
     def _alive(self, plan: _Plan, groups: list[dict], state: Any) -> bool:
@@ -616,12 +659,17 @@ class Engine:
                 for obj, ptr in zip(m.objs, m.ptrs[1:]):
                     if ptr and adapter.ptr(obj) != ptr:
                         return False
-                if counts and adapter.get_step(st) != expected:
-                    return False
+                if counts:
+                    view = m.step_view
+                    if view is None:
+                        if adapter.get_step(st) != expected:
+                            return False
+                    elif st.get("step") is not m.step_obj or view.item() != expected:
+                        return False
         return True
 
-    def _gather(self, plan: _Plan, groups: list[dict], state: Any, grads: list,
-                live: bool) -> list[dict] | None:
+    def _gather(self, plan: _Plan, groups: list[dict], state: Any, grads: Any,
+                live: bool, amp_scale: float | None = None) -> list[dict] | None:
         """This step's batch dicts; None if the plan no longer describes the live state."""
         if live and (plan.pending or not self._alive(plan, groups, state)):
             return None
@@ -631,6 +679,8 @@ class Engine:
                 return None
         opts, adapter, rule = self.options, self.adapter, self.rule
         grad_scale = self._grad_scale()
+        if amp_scale is not None:
+            grad_scale /= amp_scale
         ema_momentum = opts.ema_momentum if self.iterations > 0 else 0.0
         lrs = [self._current_lr(group) for group in groups]
         out = []
@@ -645,8 +695,10 @@ class Engine:
             d["clipnorm"] = opts.clipnorm
             d["clipvalue"] = opts.clipvalue
             pdtype, gdtype, sdtype, update = batch.dtypes
-            if (pdtype, gdtype, sdtype) != ("float32", "float32", "float32"):
-                d["param_dtype"], d["grad_dtype"], d["state_dtype"] = pdtype, gdtype, sdtype
+            for key, name in (("param_dtype", pdtype), ("grad_dtype", gdtype),
+                              ("state_dtype", sdtype)):
+                if name != "float32" and name in KERNEL_DTYPES:
+                    d[key] = name
             if update != "nearest":
                 d["param_update"] = update
                 if update == "stochastic":
@@ -660,8 +712,8 @@ class Engine:
             out.append(d)
         return out
 
-    def _commit(self, plan: _Plan, groups: list[dict], state: Any) -> None:
-        """Bookkeeping after the core applied an update."""
+    def _commit(self, plan: _Plan, groups: list[dict], state: Any, count: bool = True) -> None:
+        """Bookkeeping after the core applied an update (count: advance iterations)."""
         opts, adapter = self.options, self.adapter
         for skey, st in plan.pending.items():
             state[skey] = st
@@ -680,16 +732,16 @@ class Engine:
             momentum = opts.ema_momentum if self.iterations > 0 else 0.0
             for _, skey, p in plan.ema_only:  # averaged at their unchanged value, as Keras does
                 avg = adapter.view(state[skey]["ema"], "ema")
-                pv = adapter.view(p, "param").astype(np.float32)
                 avg *= momentum
-                avg += (1.0 - momentum) * pv
+                avg += (1.0 - momentum) * adapter.float32_of(p)
         if opts.gradient_accumulation_steps > 1:
             for skey in plan.accumulators_left:  # no grad this call: the window restarts anyway
                 adapter.view(state[skey]["grad_accum"], "grad_accum").fill(0)
+        adapter.mark_updated([m.param for b in plan.batches for m in b.members])
+        if not count:
+            return
         self.accumulated_calls = 0
         self.iterations += 1
-        adapter.mark_updated([m.param for b in plan.batches for m in b.members])
-        self._plan = plan
         if opts.use_ema and opts.ema_overwrite_frequency and \
                 self.iterations % opts.ema_overwrite_frequency == 0:
             self.finalize(groups, state, self._skeys_of(groups))
@@ -745,7 +797,7 @@ class Engine:
             if not st:
                 state[skey] = st = adapter.new_state()
             st["grad_accum"] = acc
-        self._plan = None
+        self._plans.clear()
 
     def _reset_accumulators(self, state: Any) -> None:
         for st in list(state.values()):
@@ -817,7 +869,7 @@ class Engine:
             self.iterations = counters["iterations"]
             self.skipped_steps = counters["skipped_steps"]
             self.accumulated_calls = counters["accumulated_calls"]
-            self._plan = None
+            self._plans.clear()
             if checked is not None:
                 factor.load_state_dict(checked.state_dict())
         return apply

@@ -46,6 +46,9 @@ class _NumpyAdapter(Adapter):
     def new_state(self) -> dict:
         return {"step": 0} if self.counts_steps else {}
 
+    def float32_of(self, obj: np.ndarray) -> np.ndarray:
+        return obj.astype(np.float32)
+
     def state_keys(self, groups: list[dict]) -> list[int]:
         return list(range(sum(len(g["params"]) for g in groups)))
 

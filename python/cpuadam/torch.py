@@ -1,29 +1,28 @@
 # SPDX-License-Identifier: MIT
-"""torch.optim drop-ins (Adam, AdamW, SGD) stepped by one fused cpuadam call over NumPy views."""
+"""torch.optim drop-ins (Adam, AdamW, SGD): the torch.optim protocol over the step engine."""
 
 from __future__ import annotations
 
-import math
-from operator import is_
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch.optim import Optimizer
 
-from cpuadam import _core
-from cpuadam.optim import ADAM_RECURRENCE
+from cpuadam import _core  # noqa: F401  (tests watch its calls)
+from cpuadam._engine import Adapter, Engine, Options, check_step_value, param_name
+from cpuadam.optim import ADAM_RECURRENCE, DynamicLossScale
 
-__all__ = ["Adam", "AdamW", "SGD", "StepInBackward", "step_in_backward"]
+__all__ = ["Adam", "AdamW", "SGD", "DynamicLossScale", "StepInBackward", "step_in_backward"]
 
-_EPS_MODES = ("torch", "keras")
-_DECAY_MODES = ("lr", "independent")
 # Our options live in a param group only when set away from their default, so that
 # by default a group has exactly torch's keys and checkpoints interchange unchanged.
 _EXTRA_DEFAULTS = {"eps_mode": "torch", "decay_mode": "lr"}
-
-
-def _param_name(group: int, index: int) -> str:
-    return f"params[{index}] in group {group}"
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_TORCH_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+# State entries that are optimizer buffers (load_state_dict keeps their dtype).
+_BUFFERS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "master_param",
+            "kahan_comp", "grad_accum", "ema")
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -32,47 +31,25 @@ def _scalar_dtype() -> torch.dtype:
 
 
 def _check_param(p: torch.Tensor, name: str) -> None:
-    """Raises unless the kernel can update p in place through a NumPy view."""
-    if p.device.type != "cpu":
+    """Raises unless p is a tensor an optimizer can own (its step path is chosen later)."""
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"{name}: optimizer can only optimize Tensors, got {type(p).__name__}")
+    if p.device.type not in ("cpu", "meta"):
         raise ValueError(f"{name} is on device '{p.device}'; cpuadam.torch updates CPU tensors "
                          "only (keep the model on the CPU, or use torch.optim for other devices)")
-    if p.layout != torch.strided:
-        raise TypeError(f"{name} has layout {p.layout}; cpuadam.torch updates dense tensors only")
-    if p.dtype != torch.float32:
-        raise TypeError(f"{name} is {p.dtype}; cpuadam.torch supports float32 params only "
-                        "(bfloat16 and float16 params are not supported yet)")
-    if not p.is_contiguous():
-        raise ValueError(f"{name} is not contiguous (shape {tuple(p.shape)}, strides "
-                         f"{tuple(p.stride())}); cpuadam.torch updates contiguous params only: "
-                         "make the weight contiguous (for example, no channels_last)")
 
 
-def _checked_grad(p: torch.Tensor, name: str) -> torch.Tensor:
-    """p.grad checked against p; a dense non-contiguous grad is copied (it is only read)."""
-    grad = p.grad
-    if grad.layout != torch.strided:
-        raise TypeError(f"grad of {name} is a sparse tensor ({grad.layout}); cpuadam.torch "
-                        "needs dense grads (use torch.optim.SparseAdam for sparse ones)")
-    if grad.device.type != "cpu":
-        raise ValueError(f"grad of {name} is on device '{grad.device}'; expected a CPU tensor")
-    if grad.dtype != p.dtype:
-        raise TypeError(f"grad of {name} is {grad.dtype}; expected {p.dtype}, its param's dtype")
-    if grad.shape != p.shape:
-        raise ValueError(f"grad of {name} has shape {tuple(grad.shape)}; expected "
-                         f"{tuple(p.shape)}, its param's shape")
-    if not grad.is_contiguous():
-        grad = grad.contiguous()
-    return grad
-
-
-def _view(t: torch.Tensor, what: str):
-    """A NumPy array over t's memory (no copy); what names t in errors."""
-    if t.device.type != "cpu" or t.layout != torch.strided:
-        raise ValueError(f"{what} is a {t.layout} tensor on device '{t.device}'; expected a "
-                         "dense CPU tensor")
-    if t.dtype != torch.float32:
-        raise TypeError(f"{what} is {t.dtype}; expected torch.float32")
-    return t.detach().numpy()
+def _torch_path_reason(p: torch.Tensor, grad: torch.Tensor, group: dict) -> str | None:
+    """Why torch.optim's own implementation steps p (None: the fused kernel does)."""
+    if group.get("differentiable"):
+        return "differentiable=True"
+    if p.dtype not in _DTYPE_NAMES:
+        return f"dtype {p.dtype}"
+    if p.layout is not torch.strided or not p.is_contiguous():
+        return "non-contiguous param"
+    if grad.is_sparse and group.get("momentum") is not None:
+        return "sparse grad"  # SGD steps sparse grads; Adam refuses them, as torch.optim does
+    return None
 
 
 def _check_disjoint(groups: list[dict]) -> None:
@@ -83,7 +60,7 @@ def _check_disjoint(groups: list[dict]) -> None:
             if p.numel() == 0 or p.device.type != "cpu":
                 continue
             lo = p.data_ptr()
-            extents.append((lo, lo + p.numel() * p.element_size(), _param_name(gi, pi)))
+            extents.append((lo, lo + p.numel() * p.element_size(), param_name(gi, pi)))
     extents.sort(key=lambda e: e[0])
     for (_, hi0, n0), (lo1, _, n1) in zip(extents, extents[1:]):
         if lo1 < hi0:
@@ -91,146 +68,275 @@ def _check_disjoint(groups: list[dict]) -> None:
                              "into one another); each optimized param must be its own buffer")
 
 
-def _check_real(value: Any, name: str, high: float = math.inf, low: float = 0.0) -> None:
-    """torch.optim's hyperparameter checks: low <= value (< high), with its messages."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"Tensor {name} must be 1-element")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"Invalid {name}: expected a real number, got {type(value).__name__}")
-    if not (low <= value < high) or math.isinf(value):
-        raise ValueError(f"Invalid {name}: {value}")
-
-
 def _check_flags(group: dict, where: str) -> None:
-    """Refuses the torch options the fused CPU step cannot honour."""
-    for key in ("capturable", "differentiable"):
-        if group.get(key):
-            raise ValueError(f"{key}=True is not supported by cpuadam.torch{where}: its step runs "
-                             "on the CPU in C++, outside CUDA graphs and autograd")
+    """torch's checks of the implementation flags."""
+    if group.get("capturable"):
+        raise ValueError(f"capturable=True is not supported by cpuadam.torch{where}: its step "
+                         "runs on the CPU in C++, outside CUDA graphs")
     if group.get("fused") and group.get("foreach"):
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    if group.get("fused") and group.get("differentiable"):
+        raise RuntimeError("`fused` does not support `differentiable`")
 
 
-def _check_adam_group(group: dict, where: str) -> None:
-    """Checks a group's hyperparameters; where names the group in messages ('' or ' in group 1')."""
-    _check_real(group["lr"], "learning rate" + where)
-    _check_real(group["eps"], "epsilon value" + where)
-    betas = group["betas"]
+def _check_betas(betas: Any) -> Any:
+    """torch.optim.Adam's constructor checks of betas given as tensors."""
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"Invalid betas{where}: expected a pair (beta1, beta2), got {betas!r}")
-    _check_real(betas[0], "beta parameter at index 0" + where, 1.0)
-    _check_real(betas[1], "beta parameter at index 1" + where, 1.0)
-    _check_real(group["weight_decay"], "weight_decay value" + where)
-    _check_flags(group, where)
-    for key, choices in (("eps_mode", _EPS_MODES), ("decay_mode", _DECAY_MODES)):
-        value = group.get(key, _EXTRA_DEFAULTS[key])
-        if value not in choices:
-            listed = ", ".join(repr(c) for c in choices)
-            raise ValueError(f"Invalid {key}{where}: {value!r} (expected one of {listed})")
-    if group.get("decay_mode", "lr") != "lr" and not group["decoupled_weight_decay"]:
-        raise ValueError(f"decay_mode{where} applies to decoupled weight decay only (AdamW, or "
-                         "Adam with decoupled_weight_decay=True)")
+        return betas
+    both_floats = all(isinstance(b, (float, int)) and not isinstance(b, bool) for b in betas)
+    both_tensors = all(isinstance(b, torch.Tensor) for b in betas)
+    if not (both_floats or both_tensors):
+        raise ValueError("betas must be either both floats or both Tensors")
+    if both_tensors:
+        for i, b in enumerate(betas):
+            if b.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+        return tuple(float(b.item()) for b in betas)
+    return tuple(betas)
 
 
-def _check_sgd_group(group: dict, where: str) -> None:
-    """torch.optim.SGD's checks (and a finite dampening); where as in _check_adam_group."""
-    _check_real(group["lr"], "learning rate" + where)
-    _check_real(group["momentum"], "momentum value" + where)
-    _check_real(group["dampening"], "dampening value" + where, low=-math.inf)
-    _check_real(group["weight_decay"], "weight_decay value" + where)
-    _check_flags(group, where)
-    # torch checks only the constructor's defaults. In a group, nesterov without
-    # momentum changes nothing (there and here); with dampening the kernel refuses it.
-    if where:
-        refused = group["momentum"] != 0 and group["dampening"] != 0
-    else:
-        refused = group["momentum"] <= 0 or group["dampening"] != 0
-    if group["nesterov"] and refused:
-        raise ValueError(f"Nesterov momentum{where} requires a momentum and zero dampening")
+class _TorchAdapter(Adapter):
+    """Tensors become NumPy views (bfloat16 as int16 bits); state is keyed by param."""
 
+    step_buffers = True
 
-def _new_state(p: torch.Tensor, amsgrad: bool) -> dict:
-    """A param's state before its first step, laid out as torch.optim.Adam's."""
-    state = {
-        "step": torch.tensor(0.0, dtype=_scalar_dtype()),
-        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-    }
-    if amsgrad:
-        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    return state
+    def __init__(self, counts_steps: bool):
+        self.counts_steps = counts_steps
 
+    def view(self, t: Any, name: str) -> np.ndarray:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} is a {type(t).__name__}; expected a tensor")
+        if t.device.type != "cpu" or t.layout is not torch.strided:
+            raise ValueError(f"{name} is a {t.layout} tensor on device '{t.device}'; expected a "
+                             "dense CPU tensor (a param on the meta device must be materialised, "
+                             "e.g. with module.to_empty(device='cpu'), before a step)")
+        if t.dtype is torch.bfloat16:
+            t = t.view(torch.int16)
+        elif t.dtype not in _DTYPE_NAMES:
+            raise TypeError(f"{name} is {t.dtype}; expected torch.float32, torch.bfloat16 or "
+                            "torch.float16")
+        self._check_storage(t, name)
+        return t.detach().numpy()
 
-# The state tensors a step updates, by state key; the core's batch lists are the plurals.
-_ADAM_KEYS = ("exp_avg", "exp_avg_sq")
-_AMSGRAD_KEYS = _ADAM_KEYS + ("max_exp_avg_sq",)
-_MOMENTUM_KEYS = ("momentum_buffer",)
-# What a param without state is viewed with: SGD without momentum keeps none, as torch.
-_NO_STATE: dict = {}
+    @staticmethod
+    def _check_storage(t: torch.Tensor, name: str) -> None:
+        # A storage freed or shrunk under the tensor (FSDP's resize_(0)) would hand the
+        # core memory the tensor does not own.
+        needed = (t.storage_offset() + t.numel()) * t.element_size()
+        if t.numel() and t.untyped_storage().nbytes() < needed:
+            raise ValueError(f"{name}: its storage holds {t.untyped_storage().nbytes()} bytes but "
+                             f"the tensor needs {needed} (freed or resized storage)")
+
+    def grad_view(self, grad: torch.Tensor, param: torch.Tensor, name: str) -> np.ndarray:
+        if not (grad.is_cpu and grad.layout is torch.strided and grad.shape == param.shape):
+            if grad.layout is not torch.strided:
+                raise TypeError(f"grad of {name} is a sparse tensor ({grad.layout}); expected a "
+                                "dense grad")
+            if not grad.is_cpu:
+                raise ValueError(f"grad of {name} is on device '{grad.device}'; expected a CPU "
+                                 "tensor")
+            raise ValueError(f"grad of {name} has shape {tuple(grad.shape)}; expected "
+                             f"{tuple(param.shape)}, its param's shape")
+        if not grad.is_contiguous():
+            grad = grad.contiguous()  # only read: a contiguous copy is exact
+        if grad.dtype is torch.bfloat16:
+            grad = grad.view(torch.int16)
+        elif grad.dtype not in _DTYPE_NAMES:
+            raise TypeError(f"grad of {name} is {grad.dtype}; expected torch.float32, "
+                            "torch.bfloat16 or torch.float16")
+        if grad.requires_grad:
+            grad = grad.detach()
+        try:
+            return grad.numpy()
+        except RuntimeError as e:  # e.g. a tensor subclass
+            raise TypeError(f"grad of {name}: {e}") from None
+
+    def ptr(self, t: Any) -> int:
+        return t.data_ptr() if isinstance(t, torch.Tensor) else 0
+
+    def dtype_name(self, t: Any) -> str:
+        dtype = getattr(t, "dtype", None)
+        return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+    def new_buffer(self, param: torch.Tensor, dtype: str | None, fill: Any = None) -> torch.Tensor:
+        torch_dtype = param.dtype if dtype is None else _TORCH_DTYPES[dtype]
+        if fill is not None:
+            return fill.detach().to(dtype=torch_dtype, copy=True).contiguous()
+        return torch.zeros_like(param, dtype=torch_dtype, memory_format=torch.contiguous_format)
+
+    def new_state(self) -> dict:
+        return {"step": torch.tensor(0.0, dtype=_scalar_dtype())} if self.counts_steps else {}
+
+    def step_view(self, state: dict, name: str) -> np.ndarray:
+        step = state.get("step")
+        if not (isinstance(step, torch.Tensor) and step.is_cpu and step.numel() == 1
+                and step.dtype in (torch.float32, torch.float64)):
+            raise TypeError(f"step of {name}: expected a float32 CPU tensor holding the count")
+        return step.detach().numpy()
+
+    def get_step(self, state: dict) -> int:
+        return int(state["step"])
+
+    def float32_of(self, t: torch.Tensor) -> np.ndarray:
+        return t.detach().float().numpy()
+
+    def state_keys(self, groups: list[dict]) -> list:
+        return [p for g in groups for p in g["params"]]
+
+    def assign(self, param: torch.Tensor, avg: torch.Tensor) -> None:
+        with torch.no_grad():
+            param.copy_(avg)
+
+    def swap(self, param: torch.Tensor, avg: torch.Tensor) -> None:
+        with torch.no_grad():
+            tmp = param.detach().to(avg.dtype, copy=True)
+            param.copy_(avg)
+            avg.copy_(tmp)
+
+    def mark_updated(self, params: list) -> None:
+        # The kernel writes memory autograd does not see; tell it, as an in-place op would.
+        torch.autograd.graph.increment_version(params)
 
 
 class _CoreOptimizer(Optimizer):
-    """Shared machinery: checks, lazy state, one core call per step.
+    """The torch.optim protocol over the engine: groups, hooks, state_dict, closures, AMP.
 
-    A subclass names its core function and checks, the state tensors a group
-    updates, how a param's state starts, and what splits a group into batches
-    (Adam: the step count; SGD: whether the momentum buffer is new).
+    Params the fused kernel does not cover (float64 and complex params, non-contiguous
+    params, sparse grads, ``differentiable=True`` groups) are stepped by torch.optim's own
+    implementation; ``torch_path`` names them and says why.
     """
 
-    _CORE_STEP = ""  # the name of the _core function, looked up at each call
-    _COUNTS_STEPS = False  # whether each param's state holds a 'step' tensor
-    _STATE_TENSORS: tuple[str, ...] = ()
+    _RULE = "adam"
     # Group keys that checkpoints written by older torch releases may lack.
     _GROUP_DEFAULTS: dict = {}
+    #: GradScaler passes grad_scale/found_inf to this step instead of unscaling the grads.
+    _step_supports_amp_scaling = True
 
-    _check_group = staticmethod(_check_flags)
-
-    def __init__(self, params: Any, defaults: dict):
-        self._check_group(defaults, "")
-        self._views: dict[int, _Views] = {}
-        self._plan: _Plan | None = None
+    def __init__(self, params: Any, defaults: dict, options: dict):
+        _check_flags(defaults, "")
+        opts = Options(**{"state_dtype": None, **options})
+        self._engine = Engine(self._RULE, opts, _TorchAdapter(self._RULE == "adam"))
+        #: Params stepped by torch.optim's implementation at the last step, with the reason.
+        self.torch_path: dict[str, str] = {}
+        lr = defaults.get("lr")
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        self._engine.check_group(defaults, "")
         super().__init__(params, defaults)
+        self._engine.check_mask_length()
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self._views = {}
-        self._plan = None
         for group in self.param_groups:
             for key, value in self._GROUP_DEFAULTS.items():
                 group.setdefault(key, value)
 
+    def __getattr__(self, name: str) -> Any:
+        # The options (clipnorm, use_ema, loss_scale_factor, ...) read as attributes.
+        engine = self.__dict__.get("_engine")
+        if engine is not None and name in vars(engine.options):
+            return getattr(engine.options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def iterations(self) -> int:
+        """Updates applied so far; an lr schedule given as ``lr`` sees iterations + 1."""
+        return self._engine.iterations
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because a grad held inf or NaN (skip_nonfinite)."""
+        return self._engine.skipped_steps
+
     def add_param_group(self, param_group: dict) -> None:
         """torch's add_param_group, then cpuadam's checks; a rejected group is not added."""
         super().add_param_group(param_group)
-        self._plan = None
         index = len(self.param_groups) - 1
         group = self.param_groups[index]
         try:
-            self._check_group(group, f" in group {index}")
+            where = f" in group {index}"
+            _check_flags(group, where)
+            self._engine.check_group(group, where)
             for pi, p in enumerate(group["params"]):
-                _check_param(p, _param_name(index, pi))
+                _check_param(p, param_name(index, pi))
             _check_disjoint(self.param_groups)
+            self._engine.init_group(group, index)
         except Exception:
             self.param_groups.pop()
             raise
 
+    # --- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """torch.optim's state_dict; with a cpuadam option on, also the engine's counters."""
+        out = super().state_dict()
+        if not self._engine.options.is_default or self._engine.iterations and any(
+                callable(g["lr"]) and not isinstance(g["lr"], torch.Tensor)
+                for g in self.param_groups):
+            out.update(self._engine.extra_state())
+        return out
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's load_state_dict; loaded buffers are made contiguous for the kernel.
+        """torch's load_state_dict, checked first: a malformed checkpoint raises ValueError
+        naming the key and leaves the optimizer as it was.
 
         Groups are taken as saved: a checkpoint written with ``capturable=True``
-        (a CUDA-graph setting) loads and the flag is ignored here, while one
-        with ``differentiable=True`` is refused at the next step.
+        (a CUDA-graph setting) loads and the flag is ignored here.
         """
-        super().load_state_dict(state_dict)
-        self._plan = None
-        for p_state in self.state.values():
-            for key in self._STATE_TENSORS:
-                buf = p_state.get(key)
-                if isinstance(buf, torch.Tensor) and not buf.is_contiguous():
-                    p_state[key] = buf.contiguous()
+        if not isinstance(state_dict, dict) or "state" not in state_dict or \
+                "param_groups" not in state_dict:
+            raise ValueError("state_dict must be a dict with 'state' and 'param_groups'")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        params = [p for g in self.param_groups for p in g["params"]]
+        ids = [i for g in saved_groups for i in g["params"]]
+        if len(ids) != len(params) or any(len(s["params"]) != len(m["params"])
+                                          for s, m in zip(saved_groups, self.param_groups)):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match "
+                             "the size of optimizer's group")
+        by_id = dict(zip(ids, params))
+        for pid, entry in state_dict["state"].items():
+            if pid not in by_id:
+                raise ValueError(f"loaded state dict has state for unknown param id {pid!r}")
+            p = by_id[pid]
+            self._engine.check_param_state(entry, f"param {pid}", tuple(p.shape), _as_array)
+        for gi, saved in enumerate(saved_groups):
+            group = {**self._GROUP_DEFAULTS, **saved}
+            group.setdefault("decoupled_weight_decay",
+                             self.param_groups[gi].get("decoupled_weight_decay", False))
+            self._engine.check_group(group, f" in group {gi}")
+            mask = saved.get("decay_mask")
+            if mask is not None and len(mask) != len(saved["params"]):
+                raise ValueError(f"loaded state dict has a 'decay_mask' in group {gi} that does "
+                                 f"not have one entry per param ({len(saved['params'])})")
+        apply_extra = self._engine.load_extra_state(state_dict)
+        old_state, old_groups = self.state, self.param_groups
+        try:
+            super().load_state_dict(state_dict)
+        except Exception:
+            self.state, self.param_groups = old_state, old_groups
+            raise
+        # torch.optim casts every floating-point state tensor to its param's dtype; the
+        # engine's buffers take the dtype it steps them in, cast from the saved values
+        # (float32 moments or master copies of bfloat16 params keep their precision), and
+        # contiguous for the kernel.
+        engine = self._engine
+        for pid, entry in state_dict["state"].items():
+            p = by_id[pid]
+            pdtype = _DTYPE_NAMES.get(p.dtype)
+            if pdtype is None or not isinstance(entry, dict):
+                continue
+            p_state = self.state[p]
+            for key in _BUFFERS:
+                value = entry.get(key)
+                if isinstance(value, torch.Tensor):
+                    dtype = _TORCH_DTYPES[engine.buffer_dtype(key, pdtype)]
+                    p_state[key] = value.detach().to(device="cpu", dtype=dtype,
+                                                     copy=True).contiguous()
+        apply_extra()
+        engine.forget_plans()
 
+    # --- the step ---------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Updates every param whose grad is not None, in one fused call.
@@ -251,176 +357,104 @@ class _CoreOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        key = self._plan_key()
-        if self._plan is None or self._plan.key != key or not self._step_planned(self._plan):
-            self._update([(gi, pi, p) for gi, group in enumerate(self.param_groups)
-                          for pi, p in enumerate(group["params"]) if p.grad is not None],
-                         every_param=True, plan_key=key)
+        amp_scale = None
+        found_inf = getattr(self, "found_inf", None)
+        grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is not None and float(found_inf) != 0.0:
+            return loss  # GradScaler saw inf/NaN: torch's fused step changes nothing either
+        if grad_scale is not None:
+            amp_scale = float(grad_scale)
+        groups = self.param_groups
+        params = [p for g in groups for p in g["params"]]
+        grads = [p.grad for p in params]
+        torch_path = None
+        for gi, group in enumerate(groups):
+            if group.get("differentiable"):
+                torch_path = {}
+                break
+        if torch_path is None:
+            for p, g in zip(params, grads):
+                if g is not None and not (p.dtype in _DTYPE_NAMES and p.is_contiguous()
+                                          and not g.is_sparse):
+                    torch_path = {}
+                    break
+        if torch_path is not None:
+            grads = self._split_torch_path(grads, torch_path)
+        self._engine.step(groups, self.state, grads, params, amp_scale=amp_scale)
+        if torch_path:
+            self._step_torch_path(torch_path, amp_scale)
+        self.torch_path = {name: reason for name, (_, _, reason) in (torch_path or {}).items()}
         return loss
 
-    # --- what a subclass defines -----------------------------------------------------------
+    def _split_torch_path(self, grads: list, torch_path: dict) -> list:
+        """Moves the params the fused kernel does not cover to torch_path; their grads become None."""
+        out = list(grads)
+        flat = 0
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                g = grads[flat]
+                if g is not None:
+                    reason = _torch_path_reason(p, g, group)
+                    if reason is not None:
+                        torch_path[param_name(gi, pi)] = (gi, p, reason)
+                        out[flat] = None
+                flat += 1
+        return out
 
-    def _state_keys(self, group: dict) -> tuple[str, ...]:
-        """The state tensors a step of this group reads and writes."""
+    def _step_torch_path(self, torch_path: dict, amp_scale: float | None) -> None:
+        by_group: dict[int, list] = {}
+        for gi, p, _ in torch_path.values():
+            by_group.setdefault(gi, []).append(p)
+        for gi, params in by_group.items():
+            group = self.param_groups[gi]
+            grads = [p.grad if amp_scale is None else p.grad / amp_scale for p in params]
+            with torch.set_grad_enabled(bool(group.get("differentiable"))):
+                self._torch_update(group, params, grads)
+
+    def _torch_update(self, group: dict, params: list, grads: list) -> None:
         raise NotImplementedError
 
-    def _state_of(self, p: torch.Tensor, group: dict, keys: tuple[str, ...]) -> tuple[dict, bool]:
-        """p's state holding every key, and whether it is new (committed only after the step)."""
-        raise NotImplementedError
+    # --- the engine's options ---------------------------------------------------------------
+    def ema_params(self) -> list:
+        """The moving averages (float32), one per param in flat order (None before its first update)."""
+        return self._engine.ema_params(self.param_groups, self.state, self._skeys())
 
-    def _batch_key(self, views: "_Views", fresh: bool) -> Any:
-        """What must be equal for params of one group to share a core batch."""
-        raise NotImplementedError
+    def finalize(self) -> None:
+        """Copies the moving averages into the params (Keras's finalize_variable_values)."""
+        self._engine.finalize(self.param_groups, self.state, self._skeys())
 
-    def _next_key(self, key: Any) -> Any:
-        """A planned batch's key at the next step."""
-        raise NotImplementedError
+    def swap_ema(self) -> None:
+        """Exchanges params and their moving averages, e.g. around an evaluation."""
+        self._engine.swap_ema(self.param_groups, self.state, self._skeys())
 
-    def _batch_scalars(self, group: dict, gi: int, key: Any) -> dict:
-        """A core batch's hyperparameters."""
-        raise NotImplementedError
+    def _skeys(self) -> list:
+        return [p for g in self.param_groups for p in g["params"]]
 
     def _preallocate(self, p: torch.Tensor, group: dict) -> None:
         """Makes p's state before its first step where that changes no result (step_in_backward)."""
 
-    # --- the step ------------------------------------------------------------------------------
 
-    def _plan_key(self) -> tuple:
-        return (tuple(p.grad is None for group in self.param_groups for p in group["params"]),
-                tuple((id(g["params"]), len(g["params"]), self._state_keys(g))
-                      for g in self.param_groups))
-
-    @torch._disable_dynamo
-    def _step_planned(self, plan: "_Plan") -> bool:
-        """The step along a plan made by an earlier step: the same params, grads
-        present, batch keys, state tensors and memory. Returns False, having changed nothing,
-        when anything differs or is not plainly valid; the checked path then
-        takes over and names any problem."""
-        batches = []
-        for pb in plan.batches:
-            group = self.param_groups[pb.group]
-            if group.get("differentiable"):
-                return False
-            try:
-                grads = [p.grad.numpy() for p in pb.tensors]
-            except (RuntimeError, TypeError):  # a grad needing detach, sparse, or off the CPU
-                return False
-            if [t.data_ptr() for t in pb.watched] != pb.ptrs:
-                return False  # .data of a param or state tensor was swapped
-            if not pb.same_state(self.state):
-                return False
-            batch = self._batch_scalars(group, pb.group, self._next_key(pb.key))
-            batch.update(pb.buffers)
-            batch["grads"] = grads
-            batches.append(batch)
-        # For Adam the core also writes each param's new count into its 'step' tensor.
-        try:
-            getattr(_core, self._CORE_STEP)(batches)
-        except (TypeError, ValueError):
-            return False  # rejected before any write; the checked path words the error
-
-        for pb in plan.batches:
-            pb.key = self._next_key(pb.key)
-        torch.autograd.graph.increment_version(plan.params)
-        return True
-
-    def _views_of(self, p: torch.Tensor, state: dict, keys: tuple[str, ...],
-                  gi: int, pi: int) -> _Views:
-        """NumPy views of p and its state, from the cache while they still describe them."""
-        # Keyed by id: a tensor's own hash is a Python-level call. A recycled id
-        # cannot match, since the cached entry keeps the old state dict alive.
-        views = self._views.get(id(p))
-        if (views is None or views.state is not state or views.keys != keys
-                or views.ptr != p.data_ptr() or views.shape != p.shape
-                or not views.matches(state)):
-            views = _Views(p, state, keys, self._COUNTS_STEPS, _param_name(gi, pi))
-        return views
-
-    # Never traced by torch.compile: the NumPy views must stay views of the live
-    # tensors. torch.optim.Optimizer guards its own state_dict and zero_grad the same
-    # way; the wrapper imports torch._dynamo only when first called.
-    @torch._disable_dynamo
-    def _update(self, targets: list[tuple[int, int, torch.Tensor]],
-                every_param: bool = False, plan_key: tuple | None = None) -> None:
-        """One core call over the (group index, index in group, param) targets.
-
-        Checks everything first; state, step counts and caches change only
-        after the kernel has succeeded.
-        """
-        batches: dict[tuple[int, Any], dict] = {}
-        members: dict[tuple[int, Any], list] = {}
-        keys_of: dict[int, tuple[str, ...]] = {}
-        fresh_states = []
-        used = []
-        for gi, pi, p in targets:
-            group = self.param_groups[gi]
-            if not (p.is_cpu and p.dtype is torch.float32 and p.layout is torch.strided
-                    and p.is_contiguous()):
-                _check_param(p, _param_name(gi, pi))
-            grad = p.grad
-            if not (grad.is_cpu and grad.dtype is p.dtype and grad.layout is torch.strided
-                    and grad.shape == p.shape and grad.is_contiguous()):
-                grad = _checked_grad(p, _param_name(gi, pi))
-            keys = keys_of.get(gi)
-            if keys is None:
-                keys = keys_of[gi] = self._state_keys(group)
-            state, fresh = self._state_of(p, group, keys)
-            if fresh:
-                fresh_states.append((p, state))
-            views = self._views_of(p, state, keys, gi, pi)
-            key = self._batch_key(views, fresh)
-            batch = batches.get((gi, key))
-            if batch is None:
-                if group.get("differentiable"):
-                    raise ValueError("differentiable=True is not supported by cpuadam.torch "
-                                     f"in group {gi}")
-                batch = batches[(gi, key)] = {
-                    "params": [], "grads": [], "indices": [],
-                    **{k + "s": [] for k in keys}, **self._batch_scalars(group, gi, key)}
-            batch["params"].append(views.param)
-            batch["grads"].append(grad.numpy() if not grad.requires_grad
-                                  else grad.detach().numpy())
-            for k, buf in zip(keys, views.buffers):
-                batch[k + "s"].append(buf)
-            batch["indices"].append(pi)
-            used.append((p, views, key))
-            members.setdefault((gi, key), []).append((p, views))
-        if not used:
-            return
-        getattr(_core, self._CORE_STEP)(list(batches.values()))
-        for p, state in fresh_states:
-            self.state[p] = state
-        cache = {} if every_param else self._views
-        for p, views, key in used:
-            if views.step is not None:
-                views.step.fill(key)
-            cache[id(p)] = views
-        self._views = cache
-        # The kernel writes memory autograd does not see; tell it, as an in-place op would.
-        torch.autograd.graph.increment_version([p for p, _, _ in used])
-        # A step that created no state can be repeated along the same plan.
-        self._plan = None
-        if plan_key is not None and not fresh_states:
-            self._plan = _Plan(plan_key, batches, members)
+def _as_array(value: Any) -> np.ndarray | None:
+    if isinstance(value, torch.Tensor):
+        return np.empty(tuple(value.shape), dtype=np.float32) if value.is_floating_point() \
+            else np.empty(tuple(value.shape), dtype=np.uint8)
+    return np.asarray(value)
 
 
 class _AdamBase(_CoreOptimizer):
-    """Adam and AdamW: batches by step count; state as torch.optim.Adam's."""
+    """Adam and AdamW: state as torch.optim.Adam's."""
 
-    _CORE_STEP = "adam_step"
-    _COUNTS_STEPS = True
-    _STATE_TENSORS = _AMSGRAD_KEYS
+    _RULE = "adam"
     _GROUP_DEFAULTS = {"amsgrad": False, "maximize": False, "foreach": None,
                        "capturable": False, "differentiable": False, "fused": None,
                        "decoupled_weight_decay": False}
 
-    _check_group = staticmethod(_check_adam_group)
-
-    def __init__(self, params: Any, defaults: dict, eps_mode: str, decay_mode: str):
+    def __init__(self, params: Any, defaults: dict, eps_mode: str, decay_mode: str,
+                 options: dict):
         for key, value in (("eps_mode", eps_mode), ("decay_mode", decay_mode)):
             if value != _EXTRA_DEFAULTS[key]:
                 defaults[key] = value
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, options)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -428,122 +462,44 @@ class _AdamBase(_CoreOptimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 p_state = self.state.get(p)
-                if p_state and not torch.is_tensor(p_state["step"]):
+                if p_state and "step" in p_state and not torch.is_tensor(p_state["step"]):
                     p_state["step"] = torch.tensor(float(p_state["step"]), dtype=_scalar_dtype())
-
-    def _state_keys(self, group: dict) -> tuple[str, ...]:
-        return _AMSGRAD_KEYS if group["amsgrad"] else _ADAM_KEYS
-
-    def _state_of(self, p: torch.Tensor, group: dict, keys: tuple[str, ...]) -> tuple[dict, bool]:
-        state = self.state.get(p)
-        if not state:
-            return _new_state(p, keys is _AMSGRAD_KEYS), True
-        if keys is _AMSGRAD_KEYS and "max_exp_avg_sq" not in state:
-            # amsgrad switched on after some steps: its running max starts from zero.
-            return dict(state, max_exp_avg_sq=torch.zeros_like(
-                p, memory_format=torch.preserve_format)), True
-        return state, False
-
-    def _batch_key(self, views: "_Views", fresh: bool) -> int:
-        return int(views.step.item()) + 1
-
-    def _next_key(self, key: int) -> int:
-        return key + 1
-
-    def _batch_scalars(self, group: dict, gi: int, step: int) -> dict:
-        beta1, beta2 = group["betas"]
-        return {"group": gi, "step": step, "lr": float(group["lr"]), "beta1": float(beta1),
-                "beta2": float(beta2), "eps": float(group["eps"]),
-                "weight_decay": float(group["weight_decay"]), "amsgrad": bool(group["amsgrad"]),
-                "maximize": bool(group["maximize"]),
-                "decoupled": bool(group["decoupled_weight_decay"]),
-                "decay_mode": group.get("decay_mode", "lr"),
-                "eps_mode": group.get("eps_mode", "torch")}
 
     def _preallocate(self, p: torch.Tensor, group: dict) -> None:
         # Zeros, step 0: exactly what a first step would start from.
         if not self.state.get(p):
-            self.state[p] = _new_state(p, bool(group["amsgrad"]))
+            state = self._engine.adapter.new_state()
+            sdtype = self._engine._state_dtype(self._engine.adapter.dtype_name(p))
+            for key in self._engine.rule.state_keys(group):
+                state[key] = self._engine.adapter.new_buffer(p, sdtype)
+            self.state[p] = state
 
+    def _torch_update(self, group: dict, params: list, grads: list) -> None:
+        from torch.optim.adam import adam as torch_adam
 
-class _PlannedBatch:
-    """One core batch as the last step built it: its tensors, their state dicts
-    and state tensors, their views and the addresses those views were made over."""
-
-    __slots__ = ("group", "key", "tensors", "states", "state_tensors", "buffers", "watched",
-                 "ptrs")
-
-    def __init__(self, group: int, key: Any, batch: dict, members: list):
-        self.group = group
-        self.key = key
-        self.tensors = [p for p, _ in members]
-        # What optimizer.state.get(p) returned: None where the step used no state.
-        self.states = [None if v.state is _NO_STATE else v.state for _, v in members]
-        # The members of a batch share their state keys: one column of tensors per key.
-        keys = members[0][1].watched_keys
-        self.state_tensors = [(k, [v.tensors[i] for _, v in members]) for i, k in enumerate(keys)]
-        self.buffers = {k: v for k, v in batch.items() if isinstance(v, list) and k != "grads"}
-        step_views = [v.step for _, v in members if v.step is not None]
-        if step_views:
-            self.buffers["step_buffers"] = step_views
-        # Every tensor a view was made over, 'step' included.
-        self.watched = self.tensors + [t for _, v in members for t in v.tensors]
-        self.ptrs = [t.data_ptr() for t in self.watched]
-
-    def same_state(self, state: dict) -> bool:
-        """Whether optimizer.state still holds the dicts and tensors the views were made of."""
-        if not all(map(is_, map(state.get, self.tensors), self.states)):
-            return False  # state cleared, or a param's dict replaced
-        return all(all(map(is_, [s.get(k) for s in self.states], column))
-                   for k, column in self.state_tensors)
-
-
-class _Plan:
-    """What the last step did, reusable while the params with grads, their
-    batch keys, state tensors and memory stay the same."""
-
-    def __init__(self, key: tuple, batches: dict, members_of: dict):
-        self.key = key
-        self.batches = []
-        self.params = []
-        for (gi, batch_key), batch in batches.items():
-            planned = _PlannedBatch(gi, batch_key, batch, members_of[(gi, batch_key)])
-            self.batches.append(planned)
-            self.params.extend(planned.tensors)
-
-
-class _Views:
-    """NumPy arrays over one param and the state tensors its step uses (no copies), checked once."""
-
-    __slots__ = ("state", "keys", "watched_keys", "tensors", "ptrs", "ptr", "shape", "param",
-                 "step", "buffers")
-
-    def __init__(self, p: torch.Tensor, state: dict, keys: tuple[str, ...], counts_steps: bool,
-                 name: str):
-        self.state = state
-        self.keys = keys
-        self.watched_keys = (("step",) if counts_steps else ()) + keys
-        self.tensors = tuple(state.get(k) for k in self.watched_keys)
-        self.ptr = p.data_ptr()
-        self.shape = p.shape
-        self.param = p.detach().numpy()
-        self.step = None
-        if counts_steps:
-            step = state["step"]
-            if not (isinstance(step, torch.Tensor) and step.is_cpu and step.numel() == 1
-                    and step.dtype in (torch.float32, torch.float64)):
-                raise TypeError(f"step of {name}: expected a float32 CPU tensor holding the count")
-            self.step = step.detach().numpy()
-        self.buffers = tuple(_view(state[k], f"{k} of {name}") for k in keys)
-        self.ptrs = tuple(t.data_ptr() for t in self.tensors)
-
-    def matches(self, state: dict) -> bool:
-        # The same tensor objects over the same memory: a replaced state tensor, or
-        # one whose .data was swapped, must be viewed afresh.
-        for key, t, ptr in zip(self.watched_keys, self.tensors, self.ptrs):
-            if state.get(key) is not t or t.data_ptr() != ptr:
-                return False
-        return True
+        exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], []
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["amsgrad"]:
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if group["amsgrad"]:
+                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            steps.append(state["step"])
+        beta1, beta2 = group["betas"]
+        torch_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                   foreach=False, capturable=False, differentiable=bool(group["differentiable"]),
+                   fused=None, grad_scale=None, found_inf=None,
+                   has_complex=any(torch.is_complex(p) for p in params),
+                   decoupled_weight_decay=bool(group["decoupled_weight_decay"]),
+                   amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
+                   weight_decay=group["weight_decay"], eps=group["eps"],
+                   maximize=group["maximize"])
 
 
 _MATH = ADAM_RECURRENCE + r"""
@@ -552,11 +508,15 @@ _MATH = ADAM_RECURRENCE + r"""
     param of every group, reached zero-copy through NumPy views of the tensors.
     Results agree with torch.optim to float32 rounding, not bitwise.
 
-    Differences from torch.optim: params must be dense, contiguous float32 CPU
-    tensors (checked when added and at each step); ``capturable=True`` and
-    ``differentiable=True`` raise ValueError; ``foreach`` and ``fused`` are
+    Differences from torch.optim: float32, bfloat16 and float16 CPU params take
+    the fused step; float64 and complex params, non-contiguous params and
+    ``differentiable=True`` groups are stepped by torch.optim's own
+    implementation (``optimizer.torch_path`` names them after each step);
+    ``capturable=True`` raises ValueError; ``foreach`` and ``fused`` are
     accepted and kept in the param groups (so checkpoints say what the user
-    asked for) but change nothing, since the step is always one fused call.
+    asked for) but change nothing. GradScaler hands this step its scale and
+    inf flag (as to torch's fused optimizers): grads are unscaled inside the
+    pass and a step with inf/NaN grads changes nothing.
     ``eps_mode="keras"`` moves eps as Keras does:
     ``p - lr * sqrt(1 - beta2**t) / (1 - beta1**t) * m / (sqrt(v) + eps)``.
     A non-default ``eps_mode``/``decay_mode`` is stored in the param groups;
@@ -575,6 +535,13 @@ class Adam(_AdamBase):
         eps_mode: "torch" (default) or "keras".
         decay_mode: with decoupled_weight_decay, "lr" (default, torch) or
             "independent" (p -= weight_decay * p).
+        **options: cpuadam's options, as in cpuadam.Adam (clipnorm, clipvalue,
+            global_clipnorm, loss_scale_factor, gradient_accumulation_steps,
+            use_ema, ema_momentum, ema_overwrite_frequency, skip_nonfinite,
+            weight_decay_mask, exclude_from_weight_decay, state_dtype,
+            param_update, seed); ``lr`` may also be a schedule (a callable
+            of the step, e.g. from cpuadam.schedules). state_dtype defaults to
+            the param's dtype, as torch.optim keeps its moments.
 
     Example:
         >>> import torch
@@ -591,17 +558,21 @@ class Adam(_AdamBase):
                  foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None,
                  decoupled_weight_decay: bool = False, eps_mode: str = "torch",
-                 decay_mode: str = "lr"):
-        if isinstance(betas, (tuple, list)) and len(betas) == 2:
-            betas = tuple(b.squeeze() if isinstance(b, torch.Tensor) and b.dim() else b
-                          for b in betas)
+                 decay_mode: str = "lr", **options: Any):
+        if isinstance(lr, torch.Tensor):
+            if foreach and not capturable:
+                raise ValueError("lr as a Tensor is not supported for capturable=False and "
+                                 "foreach=True")
+            if lr.numel() != 1:
+                raise ValueError("Tensor lr must be 1-element")
+        betas = _check_betas(betas)
         defaults = {
             "lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
             "amsgrad": amsgrad, "maximize": maximize, "foreach": foreach,
             "capturable": capturable, "differentiable": differentiable, "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
         }
-        super().__init__(params, defaults, eps_mode, decay_mode)
+        super().__init__(params, defaults, eps_mode, decay_mode, options)
 
 
 class AdamW(Adam):
@@ -617,6 +588,7 @@ class AdamW(Adam):
         decay_mode: "lr" (default; torch and Keras scale the decay by lr) or
             "independent" (p -= weight_decay * p, as written by Loshchilov &
             Hutter; weight_decay is then typically ~1e-4).
+        **options: cpuadam's options, as in :class:`Adam`.
 
     Example:
         >>> import torch
@@ -632,11 +604,12 @@ class AdamW(Adam):
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None,
-                 eps_mode: str = "torch", decay_mode: str = "lr"):
+                 eps_mode: str = "torch", decay_mode: str = "lr", **options: Any):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, eps_mode=eps_mode, decay_mode=decay_mode)
+                         decoupled_weight_decay=True, eps_mode=eps_mode, decay_mode=decay_mode,
+                         **options)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -668,16 +641,17 @@ class SGD(_CoreOptimizer):
     with a non-zero momentum, nothing otherwise, so checkpoints interchange
     with torch.optim.SGD both ways.
 
-    Differences from torch.optim.SGD: params must be dense, contiguous float32
-    CPU tensors (checked when added and at each step); ``differentiable=True``
-    raises ValueError, and so does a param group with Nesterov momentum and a
-    non-zero dampening (torch checks that only in its constructor); ``foreach``
-    and ``fused`` are accepted and kept in the param groups but change nothing,
-    since the step is always one fused call.
+    Differences from torch.optim.SGD: float64/complex/non-contiguous params,
+    sparse grads and ``differentiable=True`` groups are stepped by
+    torch.optim's own implementation (``optimizer.torch_path``); a param
+    group with Nesterov momentum and a non-zero dampening raises ValueError
+    (torch checks that only in its constructor); ``foreach`` and ``fused`` are
+    accepted and kept in the param groups but change nothing.
 
     Args:
         params, lr, momentum, dampening, weight_decay, nesterov, maximize,
             foreach, differentiable, fused: as torch.optim.SGD.
+        **options: cpuadam's options, as in :class:`Adam`.
 
     Example:
         >>> import torch
@@ -688,52 +662,32 @@ class SGD(_CoreOptimizer):
         >>> opt.step()
     """
 
-    _CORE_STEP = "sgd_step"
-    _STATE_TENSORS = _MOMENTUM_KEYS
+    _RULE = "sgd"
     _GROUP_DEFAULTS = {"nesterov": False, "maximize": False, "foreach": None,
                        "differentiable": False, "fused": False}
-
-    _check_group = staticmethod(_check_sgd_group)
 
     def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3, momentum: float = 0,
                  dampening: float = 0, weight_decay: float | torch.Tensor = 0,
                  nesterov: bool = False, *, maximize: bool = False, foreach: bool | None = None,
-                 differentiable: bool = False, fused: bool | None = None):
+                 differentiable: bool = False, fused: bool | None = None, **options: Any):
         defaults = {
             "lr": lr, "momentum": momentum, "dampening": dampening,
             "weight_decay": weight_decay, "nesterov": nesterov, "maximize": maximize,
             "foreach": foreach, "differentiable": differentiable, "fused": fused,
         }
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, options)
 
-    def _state_keys(self, group: dict) -> tuple[str, ...]:
-        return _MOMENTUM_KEYS if group["momentum"] != 0 else ()
+    def _torch_update(self, group: dict, params: list, grads: list) -> None:
+        from torch.optim.sgd import sgd as torch_sgd
 
-    def _state_of(self, p: torch.Tensor, group: dict, keys: tuple[str, ...]) -> tuple[dict, bool]:
-        state = self.state.get(p)
-        if not keys:
-            # torch neither reads nor makes state without momentum.
-            return (_NO_STATE if state is None else state), False
-        if state and state.get("momentum_buffer") is not None:
-            return state, False
-        # Left uninitialised: a batch marked momentum_first writes b = g without reading b.
-        buf = torch.empty_like(p, memory_format=torch.preserve_format)
-        return dict(state or {}, momentum_buffer=buf), True
-
-    def _batch_key(self, views: "_Views", fresh: bool) -> bool:
-        return fresh
-
-    def _next_key(self, key: bool) -> bool:
-        return False  # a buffer is new for one step only
-
-    def _batch_scalars(self, group: dict, gi: int, first: bool) -> dict:
-        momentum = float(group["momentum"])
-        return {"group": gi, "lr": float(group["lr"]), "momentum": momentum,
-                "dampening": float(group["dampening"]),
-                "weight_decay": float(group["weight_decay"]),
-                # As in torch, nesterov means nothing without momentum.
-                "nesterov": bool(group["nesterov"]) and momentum != 0,
-                "maximize": bool(group["maximize"]), "momentum_first": first}
+        momentum_buffers = [self.state[p].get("momentum_buffer") for p in params]
+        torch_sgd(params, grads, momentum_buffers, weight_decay=group["weight_decay"],
+                  momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
+                  nesterov=group["nesterov"], maximize=group["maximize"],
+                  has_sparse_grad=any(g.is_sparse for g in grads), foreach=False, fused=None)
+        if group["momentum"] != 0:
+            for p, buf in zip(params, momentum_buffers):
+                self.state[p]["momentum_buffer"] = buf
 
 
 class StepInBackward:
@@ -747,7 +701,8 @@ class StepInBackward:
     def __init__(self, optimizer: _CoreOptimizer, hooks: list):
         self.optimizer = optimizer
         self._hooks = hooks
-        self._where: dict[torch.Tensor, tuple[int, int]] = {}
+        self._where: dict[torch.Tensor, int] = {}
+        self._queued = False
 
     @property
     def param_groups(self) -> list[dict]:
@@ -772,22 +727,31 @@ class StepInBackward:
     def __exit__(self, *exc: Any) -> None:
         self.remove()
 
-    def _locate(self, p: torch.Tensor) -> tuple[int, int]:
-        where = self._where.get(p)
-        groups = self.optimizer.param_groups
-        if where is None or groups[where[0]]["params"][where[1]] is not p:
-            self._where = {q: (gi, pi) for gi, g in enumerate(groups)
-                           for pi, q in enumerate(g["params"])}
-            where = self._where[p]
-        return where
+    def _locate(self, p: torch.Tensor) -> int:
+        flat = self._where.get(p)
+        params = self.optimizer._skeys()
+        if flat is None or flat >= len(params) or params[flat] is not p:
+            self._where = {q: k for k, q in enumerate(params)}
+            flat = self._where[p]
+        return flat
+
+    def _end_of_backward(self) -> None:
+        self._queued = False
+        self.optimizer._engine.iterations += 1
 
     def _hook(self, p: torch.Tensor) -> None:
-        gi, pi = self._locate(p)
+        flat = self._locate(p)
+        opt = self.optimizer
         with torch.no_grad():
-            self.optimizer._update([(gi, pi, p)])
+            opt._engine.step(opt.param_groups, opt.state, {flat: p.grad}, {flat: p},
+                             targets=[flat])
         p.grad = None
+        if not self._queued:
+            # One backward is one update: the schedule position advances when it ends.
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            self._queued = True
         # torch's lr schedulers warn unless they saw optimizer.step() run; this is its step.
-        self.optimizer._opt_called = True
+        opt._opt_called = True
 
 
 def step_in_backward(model_or_params: Any, optimizer_class: type = AdamW,
