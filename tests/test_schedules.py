@@ -254,9 +254,9 @@ def test_bad_arguments_are_rejected_with_the_argument_named(factory, args, error
         factory(*args)
 
 
-@pytest.mark.parametrize("step, error", [(0, ValueError), (-3, ValueError), (1.0, TypeError),
+@pytest.mark.parametrize("step, error", [(-1, ValueError), (-3, ValueError), (1.0, TypeError),
                                          ("1", TypeError)])
-def test_steps_count_from_one(step, error):
+def test_steps_below_zero_and_non_integers_are_refused(step, error):
     with pytest.raises(error, match="Invalid step"):
         schedules.linear_warmup_decay(1.0, 2, 10)(step)
 
@@ -265,3 +265,29 @@ def test_numpy_integers_are_accepted_as_steps_and_counts():
     s = schedules.cosine(np.float32(0.5), np.int64(2), np.int32(10))
     assert s(np.int64(2)) == 0.5
     assert type(s(np.int64(3))) is float
+
+
+@pytest.mark.parametrize("make, at_zero", [
+    (lambda: schedules.linear_warmup_decay(1.0, 4, 10), 0.0),
+    (lambda: schedules.linear_warmup_decay(1.0, 0, 10), 1.0),
+    (lambda: schedules.cosine(2.0, 0, 10, end_lr=0.5), 2.0),
+    (lambda: schedules.step_decay(0.3, 2, 0.5), 0.3),
+    (lambda: schedules.constant(0.1), 0.1),
+], ids=["warmup", "no-warmup", "cosine", "step", "constant"])
+def test_step_zero_is_the_formulas_value(make, at_zero):
+    assert make()(0) == at_zero
+
+
+def test_the_torch_lambda_drives_lambdalr_through_the_schedule():
+    torch = pytest.importorskip("torch")
+    sched = schedules.cosine(0.5, 3, 12, end_lr=0.05)
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([w], lr=sched.base_lr)
+    lam = torch.optim.lr_scheduler.LambdaLR(opt, sched.torch_lambda())
+    seen = []
+    for _ in range(14):
+        w.grad = torch.zeros(2)
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        lam.step()
+    assert seen == pytest.approx([sched(k) for k in range(1, 15)], rel=1e-12)

@@ -74,16 +74,37 @@ def _check_floor(end_lr: float, peak_lr: float) -> None:
 
 
 class Schedule:
-    """Base of the built-in schedules: ``schedule(step) -> float`` with ``step >= 1``."""
+    """Base of the built-in schedules: ``schedule(step) -> float``.
+
+    Step 1 is the first update; step 0 gives the formula's value there too, so a
+    schedule also serves Keras's 0-based counter and torch's ``LambdaLR`` (which
+    calls its function with 0 when it is made).
+    """
 
     # The public factory name, used by repr so that it reads as the call that made it.
     _factory = ""
+    # The field holding the lr a factor form is relative to.
+    _base_field = "peak_lr"
 
     def __call__(self, step: int) -> float:
-        return self._lr(_check_int(step, "step", 1))
+        return self._lr(_check_int(step, "step", 0))
 
     def _lr(self, step: int) -> float:
         raise NotImplementedError
+
+    @property
+    def base_lr(self) -> float:
+        """The lr the schedule is built around (peak_lr, or lr)."""
+        return getattr(self, self._base_field)
+
+    def torch_lambda(self) -> "TorchLambda":
+        """This schedule as a factor for ``torch.optim.lr_scheduler.LambdaLR``.
+
+        Give the optimizer ``lr=schedule.base_lr`` and call ``scheduler.step()``
+        after each ``optimizer.step()``: update k (from 1) then uses
+        ``schedule(k)``, as a cpuadam optimizer given the schedule as lr does.
+        """
+        return TorchLambda(self)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
@@ -96,6 +117,7 @@ class Constant(Schedule):
 
     lr: float
     _factory = "constant"
+    _base_field = "lr"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr", _check_lr(self.lr, "lr"))
@@ -123,7 +145,7 @@ class _WarmupThenDecay(Schedule):
     def _lr(self, step: int) -> float:
         w, t = self.warmup_steps, self.total_steps
         if step <= w:
-            return self.peak_lr * (step / w)
+            return self.peak_lr * (step / w) if w > 0 else self.peak_lr
         if step >= t:
             return self.end_lr
         return self.end_lr + (self.peak_lr - self.end_lr) * self._weight(step, w, t)
@@ -185,6 +207,7 @@ class StepDecay(Schedule):
     step_size: int
     gamma: float
     _factory = "step_decay"
+    _base_field = "lr"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr", _check_lr(self.lr, "lr"))
@@ -195,7 +218,23 @@ class StepDecay(Schedule):
         object.__setattr__(self, "gamma", gamma)
 
     def _lr(self, step: int) -> float:
-        return self.lr * self.gamma ** ((step - 1) // self.step_size)
+        # Step 0 (before the first update) is the first interval's lr.
+        return self.lr * self.gamma ** (max(step - 1, 0) // self.step_size)
+
+
+class TorchLambda:
+    """A schedule as LambdaLR's factor: epoch e (0 first) -> schedule(e + 1) / base_lr."""
+
+    def __init__(self, schedule: Schedule):
+        if schedule.base_lr <= 0:
+            raise ValueError("a schedule whose base lr is 0 has no factor form")
+        self.schedule = schedule
+
+    def __call__(self, epoch: int) -> float:
+        return self.schedule(epoch + 1) / self.schedule.base_lr
+
+    def __repr__(self) -> str:
+        return f"{self.schedule!r}.torch_lambda()"
 
 
 def _init_warmup_fields(s: Any) -> None:
