@@ -13,6 +13,7 @@ call. The core (`_core`) then validates every buffer again before it writes a by
 from __future__ import annotations
 
 import math
+import operator
 import re
 import threading
 from typing import Any, Callable, Sequence
@@ -331,6 +332,9 @@ class _Plan:
         self.ema_only: list[tuple[int, Any, Any]] = []      # (flat, state key, param): averaged only
         self.accumulators_left: list[Any] = []               # state keys: restart, no grad this call
         self.pending: dict[Any, dict] = {}                   # new states, committed on success
+        # The state mapping's dicts when the plan last ran: the same objects in the same
+        # order mean nothing was cleared, loaded or replaced (no per-key hashing).
+        self.state_dicts: list = []
 
 
 class Adapter:
@@ -643,13 +647,15 @@ class Engine:
         the live step count the batch expects. Edits, loads and clears fail this check."""
         adapter = self.adapter
         counts = self.rule.counts_steps
-        get = state.get
+        snapshot = plan.state_dicts
+        if len(state) != len(snapshot) or not all(map(operator.is_, state.values(), snapshot)):
+            return False
         for batch in plan.batches:
             expected = batch.key - 1 if counts else None
             params = groups[batch.gi]["params"]
             for m in batch.members:
-                st = plan.pending.get(m.skey) or get(m.skey)
-                if st is not m.state or params[m.pi] is not m.param:
+                st = m.state
+                if params[m.pi] is not m.param:
                     return False
                 for sk, obj in zip(batch.keys, m.objs):
                     if st.get(sk) is not obj:
@@ -738,6 +744,7 @@ class Engine:
             for skey in plan.accumulators_left:  # no grad this call: the window restarts anyway
                 adapter.view(state[skey]["grad_accum"], "grad_accum").fill(0)
         adapter.mark_updated([m.param for b in plan.batches for m in b.members])
+        plan.state_dicts = list(state.values())
         if not count:
             return
         self.accumulated_calls = 0

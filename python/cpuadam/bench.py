@@ -59,9 +59,10 @@ WEIGHT_DECAY = 1e-2
 BYTES_PER_PARAM = 28
 BYTES_PER_PARAM_AMSGRAD = 32
 
-DEFAULT_SIZES = ("1M", "16M", "128M", "gpt2", "4096x4096", "16M:amsgrad", "10000x16")
+DEFAULT_SIZES = ("1M", "16M", "128M", "gpt2", "4096x4096", "16M:amsgrad", "10000x16",
+                 "1000x4096:each", "gpt2:each")
 # --quick: the 128M-scale workloads (several seconds a round for the slow peers) are left out.
-QUICK_SIZES = ("1M", "16M", "4096x4096", "16M:amsgrad", "10000x16")
+QUICK_SIZES = ("1M", "16M", "4096x4096", "16M:amsgrad", "10000x16", "1000x4096:each")
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,9 @@ class Workload:
     name: str
     shapes: tuple
     amsgrad: bool = False
+    # One optimizer per tensor, as offload frameworks build them (torchao's
+    # CPUOffloadOptimizer, Megatron's HybridDeviceOptimizer): a step is one call each.
+    each: bool = False
 
     @property
     def n_tensors(self) -> int:
@@ -159,12 +163,14 @@ def parse_workload(spec: str) -> Workload:
 
     ``SIZE`` is one tensor (``1M`` = 2**20 params, ``64k``, ``4096``);
     ``COUNTxSIZE`` is COUNT tensors of SIZE params each (``4096x4096``);
-    ``gpt2`` is :func:`gpt2_shapes`; a ``:amsgrad`` suffix turns AMSGrad on.
+    ``gpt2`` is :func:`gpt2_shapes`; a ``:amsgrad`` suffix turns AMSGrad on, ``:each``
+    builds one optimizer per tensor and steps them one after another.
     """
     name = spec.strip()
     base, _, variant = name.partition(":")
-    if variant not in ("", "amsgrad"):
-        raise ValueError(f"unknown workload variant {variant!r} in {spec!r} (only ':amsgrad')")
+    if variant not in ("", "amsgrad", "each"):
+        raise ValueError(f"unknown workload variant {variant!r} in {spec!r} "
+                         "(':amsgrad' or ':each')")
     if base.lower() == "gpt2":
         shapes = gpt2_shapes()
     elif "x" in base.lower():
@@ -174,7 +180,7 @@ def parse_workload(spec: str) -> Workload:
         shapes = ((_parse_count(base),),)
     if not shapes or any(math.prod(s) == 0 for s in shapes):
         raise ValueError(f"workload {spec!r} has no parameters")
-    return Workload(name, shapes, amsgrad=variant == "amsgrad")
+    return Workload(name, shapes, amsgrad=variant == "amsgrad", each=variant == "each")
 
 
 class Buffers:
@@ -326,28 +332,50 @@ def _torch_state(bufs: Buffers, i: int, step) -> dict:
     return state
 
 
+def _each(make: Callable[[list, int], Callable[[], None]], n: int) -> Callable[[], None]:
+    """One optimizer per tensor: make(indices, i) builds the one for tensor i."""
+    steps = [make([i], i) for i in range(n)]
+
+    def step_all() -> None:
+        for step in steps:
+            step()
+    return step_all
+
+
 def _prepare(key: str, bufs: Buffers) -> Callable[[], None]:
     """Builds one implementation over the shared buffers; returns its zero-argument step."""
+    if bufs.workload.each and key not in ("numpy", "roofline"):
+        if key == "deepspeed":
+            raise _Unsupported("DeepSpeedCPUAdam runs py-cpuinfo in each constructor (seconds)")
+        return _each(lambda idx, i: _prepare_one(key, bufs, idx), len(bufs.params))
+    return _prepare_one(key, bufs, list(range(len(bufs.params))))
+
+
+def _prepare_one(key: str, bufs: Buffers, idx: list) -> Callable[[], None]:
+    """One optimizer over the tensors idx of the shared buffers; returns its step."""
     amsgrad = bufs.workload.amsgrad
     if key in _CLASS_FEATURES:
         features = _CLASS_FEATURES[key]
-        opt = cpuadam.AdamW(bufs.params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
-                            amsgrad=amsgrad, **features)
-        for i in range(len(bufs.params)):
+        opt = cpuadam.AdamW([bufs.params[i] for i in idx], lr=LR, betas=BETAS, eps=EPS,
+                            weight_decay=WEIGHT_DECAY, amsgrad=amsgrad, **features)
+        for k, i in enumerate(idx):
             state = {"step": 0, "exp_avg": bufs.exp_avgs[i], "exp_avg_sq": bufs.exp_avg_sqs[i]}
             if amsgrad:
                 state["max_exp_avg_sq"] = bufs.max_exp_avg_sqs[i]
             if features.get("use_ema"):
                 state["ema"] = bufs.params[i].copy()
-            opt.state[i] = state
-        grads = bufs.grads
+            opt.state[k] = state
+        grads = [bufs.grads[i] for i in idx]
         return lambda: opt.step(grads)
     if key == "cpuadam._core":
-        batch = {"params": bufs.params, "grads": bufs.grads, "exp_avgs": bufs.exp_avgs,
-                 "exp_avg_sqs": bufs.exp_avg_sqs, "max_exp_avg_sqs": bufs.max_exp_avg_sqs, "step": 0,
-                 "lr": LR, "beta1": BETAS[0], "beta2": BETAS[1], "eps": EPS, "weight_decay": WEIGHT_DECAY,
-                 "amsgrad": amsgrad, "maximize": False, "decoupled": True, "decay_mode": "lr",
-                 "eps_mode": "torch", "group": 0, "indices": list(range(len(bufs.params)))}
+        batch = {"params": [bufs.params[i] for i in idx], "grads": [bufs.grads[i] for i in idx],
+                 "exp_avgs": [bufs.exp_avgs[i] for i in idx],
+                 "exp_avg_sqs": [bufs.exp_avg_sqs[i] for i in idx],
+                 "max_exp_avg_sqs": [bufs.max_exp_avg_sqs[i] for i in idx] if amsgrad else [],
+                 "step": 0, "lr": LR, "beta1": BETAS[0], "beta2": BETAS[1], "eps": EPS,
+                 "weight_decay": WEIGHT_DECAY, "amsgrad": amsgrad, "maximize": False,
+                 "decoupled": True, "decay_mode": "lr", "eps_mode": "torch", "group": 0,
+                 "indices": list(range(len(idx)))}
 
         def core_step() -> None:
             batch["step"] += 1
@@ -364,13 +392,14 @@ def _prepare(key: str, bufs: Buffers) -> Callable[[], None]:
 
     import torch
 
-    params = bufs.torch_params()
+    all_params = bufs.torch_params()
+    params = [all_params[i] for i in idx]
     hyper = dict(lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
     if key.startswith("torch-"):
         flavour = {"torch-fused": dict(fused=True), "torch-foreach": dict(foreach=True),
                    "torch-forloop": dict(foreach=False, fused=False)}[key]
         opt = torch.optim.AdamW(params, amsgrad=amsgrad, **hyper, **flavour)
-        for i, p in enumerate(params):
+        for i, p in zip(idx, params):
             # torch.optim keeps `step` as a float32 scalar tensor on the params' device.
             opt.state[p] = _torch_state(bufs, i, torch.tensor(0.0, dtype=torch.float32))
         return opt.step
@@ -380,13 +409,13 @@ def _prepare(key: str, bufs: Buffers) -> Callable[[], None]:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         opt = DeepSpeedCPUAdam(params, adamw_mode=True, **hyper)
-        for i, p in enumerate(params):
+        for i, p in zip(idx, params):
             opt.state[p] = _torch_state(bufs, i, 0)
         return opt.step
     if key == "cpuadam.torch":
         # Its state has torch.optim's layout (DESIGN.md), so it takes the shared buffers too.
         opt = importlib.import_module("cpuadam.torch").AdamW(params, amsgrad=amsgrad, **hyper)
-        for i, p in enumerate(params):
+        for i, p in zip(idx, params):
             opt.state[p] = _torch_state(bufs, i, torch.tensor(0.0, dtype=torch.float32))
         return opt.step
     raise KeyError(key)
@@ -859,7 +888,7 @@ def _parse_args(argv) -> argparse.Namespace:
                         help=f"about 30 s: workloads {','.join(QUICK_SIZES)}, fewer rounds")
     parser.add_argument("--sizes", metavar="LIST",
                         help="comma-separated workloads: SIZE (one tensor: 4096, 64k, 16M; M = 2**20), "
-                             "COUNTxSIZE (4096x4096), gpt2; append :amsgrad for AMSGrad "
+                             "COUNTxSIZE (4096x4096), gpt2; append :amsgrad for AMSGrad, :each for one optimizer per tensor "
                              f"(default {','.join(DEFAULT_SIZES)})")
     parser.add_argument("--threads", metavar="LIST", type=_parse_threads, default=None,
                         help="comma-separated thread counts; 'all' = every available CPU, "

@@ -8,6 +8,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch.optim import Optimizer
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from cpuadam import _core  # noqa: F401  (tests watch its calls)
 from cpuadam._engine import Adapter, Engine, Options, check_step_value, param_name
@@ -337,12 +338,17 @@ class _CoreOptimizer(Optimizer):
         engine.forget_plans()
 
     # --- the step ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+    def _patch_step_function(self) -> None:
+        # torch.optim wraps step() in a profiler range and its hook loop on every call
+        # (~10 us); step() below takes that path only when a hook or the profiler is on.
+        self._zero_grad_profile_name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
+
+    def step(self, *args: Any, **kwargs: Any) -> Any:
         """Updates every param whose grad is not None, in one fused call.
 
         Args:
-            closure: optional callable that re-evaluates the model and returns the loss.
+            closure: optional callable that re-evaluates the model and returns
+                the loss (positional or keyword, as torch.optim takes it).
 
         Returns:
             The closure's loss, or None.
@@ -353,15 +359,33 @@ class _CoreOptimizer(Optimizer):
                 memory) or a bad hyperparameter; the message names the param.
                 Nothing is changed by a rejected step.
         """
+        if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
+                or _global_optimizer_pre_hooks or _global_optimizer_post_hooks
+                or torch.autograd.profiler._is_profiler_enabled):
+            return _CoreOptimizer._hooked_step(self, *args, **kwargs)
+        return self._step(*args, **kwargs)
+
+    @torch._disable_dynamo
+    def _step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_mode = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)
+        try:
+            self._step_no_grad()
+        finally:
+            torch.set_grad_enabled(grad_mode)
+        return loss
+
+    def _step_no_grad(self) -> None:
         amp_scale = None
-        found_inf = getattr(self, "found_inf", None)
-        grad_scale = getattr(self, "grad_scale", None)
+        # GradScaler sets these attributes around the call (torch's fused optimizers read them).
+        found_inf = self.__dict__.get("found_inf")
+        grad_scale = self.__dict__.get("grad_scale")
         if found_inf is not None and float(found_inf) != 0.0:
-            return loss  # GradScaler saw inf/NaN: torch's fused step changes nothing either
+            return  # GradScaler saw inf/NaN: torch's fused step changes nothing either
         if grad_scale is not None:
             amp_scale = float(grad_scale)
         groups = self.param_groups
@@ -384,7 +408,6 @@ class _CoreOptimizer(Optimizer):
         if torch_path:
             self._step_torch_path(torch_path, amp_scale)
         self.torch_path = {name: reason for name, (_, _, reason) in (torch_path or {}).items()}
-        return loss
 
     def _split_torch_path(self, grads: list, torch_path: dict) -> list:
         """Moves the params the fused kernel does not cover to torch_path; their grads become None."""
@@ -413,6 +436,8 @@ class _CoreOptimizer(Optimizer):
 
     def _torch_update(self, group: dict, params: list, grads: list) -> None:
         raise NotImplementedError
+
+    _hooked_step = Optimizer.profile_hook_step(_step)
 
     # --- the engine's options ---------------------------------------------------------------
     def ema_params(self) -> list:
