@@ -391,3 +391,41 @@ def test_two_threads_stepping_one_optimizer_never_corrupt_it():
     assert all("already stepping in another thread" in e for e in errors)
     # Every applied step moved every element by exactly lr * g.
     assert np.all(p == -float(len(done)))
+
+
+# --- freed storage, step in backward ------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["param", "grad"])
+def test_a_freed_torch_storage_is_refused_and_nothing_changes(which):
+    # (A storage cpuadam has viewed is no longer resizable: torch refuses resize_ on it.)
+    a, oa, _, _ = _torch_pair(lr=0.05)
+    for p in a:
+        p.grad = torch.ones_like(p)
+    target = a[2] if which == "param" else a[2].grad
+    before = [p.detach().clone() for p in a if p is not a[2]]
+    target.untyped_storage().resize_(0)  # as FSDP frees a sharded param's storage
+    with pytest.raises(ValueError, match=r"storage holds 0 bytes but the tensor needs 132"):
+        oa.step()
+    assert len(oa.state) == 0
+    assert all(torch.equal(p, q) for p, q in zip([p for p in a if p is not a[2]], before))
+
+
+def test_step_in_backward_with_a_bad_group_steps_nothing():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    handle = ct.step_in_backward([{"params": model[0].parameters()},
+                                  {"params": model[1].parameters()}], lr=0.01)
+    handle.optimizer.param_groups[0]["lr"] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="Invalid learning rate in group 0: nan"):
+        model(torch.ones(2, 3)).sum().backward()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert all(float(s["step"]) == 0 for s in handle.optimizer.state.values())
+
+
+def test_step_in_backward_advances_a_schedule_once_per_backward():
+    model = torch.nn.Linear(3, 2)
+    sched = cpuadam.schedules.linear_warmup_decay(0.1, 2, 6)
+    handle = ct.step_in_backward(model, lr=sched)
+    for _ in range(3):
+        model(torch.ones(2, 3)).sum().backward()
+    assert handle.optimizer.iterations == 3

@@ -147,6 +147,7 @@ class _TorchAdapter(Adapter):
                             "torch.bfloat16 or torch.float16")
         if grad.requires_grad:
             grad = grad.detach()
+        self._check_storage(grad, f"grad of {name}")
         try:
             return grad.numpy()
         except RuntimeError as e:  # e.g. a tensor subclass
