@@ -60,23 +60,52 @@ struct Namer {
   }
 };
 
-bool is_float32(const py::array& a) {
-  // Compares the dtype's type number and byte order, without building a dtype object.
+// Whether the array holds elements of `dtype`. bfloat16 arrives as raw bits
+// (uint16/int16, how a torch bfloat16 tensor is seen through NumPy) or as an
+// ml_dtypes.bfloat16 array. Type number and byte order are compared without
+// building a dtype object; only a user-defined 2-byte dtype is asked its name.
+bool has_dtype(const py::array& a, DType dtype) {
   const auto* descr = reinterpret_cast<const py::detail::PyArrayDescr_Proxy*>(
       py::detail::array_proxy(a.ptr())->descr);
-  return descr->type_num == py::detail::npy_api::NPY_FLOAT_ && descr->byteorder != '>';
+  if (descr->byteorder == '>') return false;
+  const int type_num = descr->type_num;
+  switch (dtype) {
+    case DType::Float32: return type_num == py::detail::npy_api::NPY_FLOAT_;
+    case DType::Float16: return type_num == 23;  // NPY_HALF
+    case DType::BFloat16:
+      if (type_num == py::detail::npy_api::NPY_USHORT_ || type_num == py::detail::npy_api::NPY_SHORT_)
+        return true;
+      // NPY_USERDEF: types registered by other packages, such as ml_dtypes.
+      return type_num >= 256 && a.itemsize() == 2 &&
+             py::str(a.dtype().attr("name")).cast<std::string>() == "bfloat16";
+  }
+  return false;
+}
+
+const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::Float32: return "float32";
+    case DType::BFloat16: return "bfloat16";
+    case DType::Float16: return "float16";
+  }
+  return "?";
+}
+
+std::string expected_array(DType dtype) {
+  if (dtype == DType::BFloat16) return "a bfloat16 array (uint16/int16 bits or ml_dtypes.bfloat16)";
+  return std::string("a ") + dtype_name(dtype) + " array";
 }
 
 // Checks one buffer, named `what` of tensor i (nullptr: the param itself);
 // `like` (if given) is the param whose shape it must have.
 py::array check_buffer(py::handle obj, const Namer& namer, const char* what, size_t i, bool written,
-                       const py::array* like) {
+                       const py::array* like, DType dtype = DType::Float32) {
   if (!py::isinstance<py::array>(obj))
     throw py::type_error(namer.of(what, i) + ": expected a numpy.ndarray, got " +
                          std::string(py::str(py::type::of(obj).attr("__name__"))));
   py::array a = py::reinterpret_borrow<py::array>(obj);
-  if (!is_float32(a))
-    throw py::type_error(namer.of(what, i) + ": expected a float32 array, got " +
+  if (!has_dtype(a, dtype))
+    throw py::type_error(namer.of(what, i) + ": expected " + expected_array(dtype) + ", got " +
                          std::string(py::str(a.dtype())));
   if (!(a.flags() & py::array::c_style))
     throw py::value_error(namer.of(what, i) + ": expected a C-contiguous array");
@@ -152,15 +181,17 @@ struct Buffers {
   std::vector<Extent> written, read;
 };
 
-// A per-param buffer list of a batch: its dict key, its name in messages and
-// the span field it fills. All are written by the step.
+// A per-param buffer list of a batch: its dict key, its name in messages, the
+// span field it fills and its element type. All are written by the step.
 struct StateList {
   const char* key;
   const char* what;
   void* TensorSpan::*field;
+  DType dtype = DType::Float32;
 };
 
-Buffers validate(const py::dict& d, const std::vector<StateList>& lists, Namer namer_value) {
+Buffers validate(const py::dict& d, const std::vector<StateList>& lists, Namer namer_value,
+                 DType param_dtype = DType::Float32, DType grad_dtype = DType::Float32) {
   Buffers b;
   b.namer = std::make_shared<const Namer>(std::move(namer_value));
   const Namer& namer = *b.namer;
@@ -191,8 +222,8 @@ Buffers validate(const py::dict& d, const std::vector<StateList>& lists, Namer n
   b.offsets.resize(n + 1);
   b.offsets[0] = 0;
   for (size_t i = 0; i < n; ++i) {
-    py::array p = check_buffer(params[i], namer, nullptr, i, true, nullptr);
-    py::array g = check_buffer(grads[i], namer, "grad", i, false, &p);
+    py::array p = check_buffer(params[i], namer, nullptr, i, true, nullptr, param_dtype);
+    py::array g = check_buffer(grads[i], namer, "grad", i, false, &p, grad_dtype);
     TensorSpan& s = b.spans[i];
     s.param = p.mutable_data();
     s.grad = g.data();
@@ -202,7 +233,7 @@ Buffers validate(const py::dict& d, const std::vector<StateList>& lists, Namer n
       b.read.push_back(extent_of(g, &namer, "grad", i));
     }
     for (size_t k = 0; k < lists.size(); ++k) {
-      py::array a = check_buffer(states[k][i], namer, lists[k].what, i, true, &p);
+      py::array a = check_buffer(states[k][i], namer, lists[k].what, i, true, &p, lists[k].dtype);
       s.*(lists[k].field) = a.mutable_data();
       if (s.numel > 0) b.written.push_back(extent_of(a, &namer, lists[k].what, i));
       b.keep.push_back(std::move(a));
@@ -226,6 +257,49 @@ DecayScale parse_decay_mode(const std::string& s, const std::string& in_group) {
   if (s == "independent") return DecayScale::Independent;
   throw py::value_error("invalid decay_mode" + in_group + ": '" + s +
                         "' (expected 'lr' or 'independent')");
+}
+
+std::string get_or_str(const py::dict& d, const char* key, const char* fallback);
+
+// A dtype key of a batch; missing or None is float32.
+DType parse_dtype(const py::dict& d, const char* key, const std::string& in_group) {
+  const std::string s = get_or_str(d, key, "float32");
+  if (s == "float32") return DType::Float32;
+  if (s == "bfloat16") return DType::BFloat16;
+  if (s == "float16") {
+    if (std::string(key) == "state_dtype")
+      throw py::value_error("invalid state_dtype" + in_group +
+                            ": 'float16' (float16 states are not supported; expected 'float32' or "
+                            "'bfloat16')");
+    return DType::Float16;
+  }
+  throw py::value_error("invalid " + std::string(key) + in_group + ": '" + s +
+                        "' (expected 'float32', 'bfloat16' or 'float16')");
+}
+
+ParamUpdate parse_param_update(const std::string& s, const std::string& in_group) {
+  if (s == "nearest") return ParamUpdate::Nearest;
+  if (s == "stochastic") return ParamUpdate::Stochastic;
+  if (s == "kahan") return ParamUpdate::Kahan;
+  if (s == "master") return ParamUpdate::Master;
+  throw py::value_error("invalid param_update" + in_group + ": '" + s +
+                        "' (expected 'nearest', 'stochastic', 'kahan' or 'master')");
+}
+
+// splitmix64's finaliser (Steele, Lea and Flood, "Fast splittable pseudorandom
+// number generators", 2014): a bijection of 64-bit words with full avalanche.
+uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// The per-tensor part of the stochastic rounding key, once per tensor on the
+// host; the kernel mixes in the element index.
+uint64_t rounding_key(int64_t seed, int64_t rounding_step, int64_t stream_id) {
+  uint64_t k = mix64(static_cast<uint64_t>(seed) + 0x9E3779B97F4A7C15ull);
+  k = mix64(k ^ static_cast<uint64_t>(rounding_step));
+  return mix64(k ^ static_cast<uint64_t>(stream_id));
 }
 
 double get_double(const py::dict& d, const char* key) {
@@ -267,6 +341,10 @@ T get_or(const py::dict& d, const char* key, T fallback) {
 }
 
 bool has(const py::dict& d, const char* key) { return d.contains(key) && !d[key].is_none(); }
+
+std::string get_or_str(const py::dict& d, const char* key, const char* fallback) {
+  return get_or<std::string>(d, key, fallback);
+}
 
 enum class Optim { Adam, Sgd };
 
@@ -330,6 +408,11 @@ Batch make_batch(const py::dict& d, Optim optim) {
     check_scalar(clipvalue, "clipvalue" + in_group, 0.0, true, INFINITY, true);
     sc.clip_value = static_cast<float>(clipvalue);
   }
+  a.param_dtype = parse_dtype(d, "param_dtype", in_group);
+  a.grad_dtype = parse_dtype(d, "grad_dtype", in_group);
+  a.state_dtype = parse_dtype(d, "state_dtype", in_group);
+  // Checked for every param dtype, used only for bfloat16/float16 params.
+  const ParamUpdate update = parse_param_update(get_or<std::string>(d, "param_update", "nearest"), in_group);
   std::vector<StateList> lists;
   if (optim == Optim::Adam) {
     AdamHyper h;
@@ -351,10 +434,10 @@ Batch make_batch(const py::dict& d, Optim optim) {
     adam_scalars(h, sc);
     a.decay = adam_decay_mode(h);
     a.amsgrad = get_or<bool>(d, "amsgrad", false) ? Amsgrad::On : Amsgrad::Off;
-    lists.push_back({"exp_avgs", "exp_avg", &TensorSpan::exp_avg});
-    lists.push_back({"exp_avg_sqs", "exp_avg_sq", &TensorSpan::exp_avg_sq});
+    lists.push_back({"exp_avgs", "exp_avg", &TensorSpan::exp_avg, a.state_dtype});
+    lists.push_back({"exp_avg_sqs", "exp_avg_sq", &TensorSpan::exp_avg_sq, a.state_dtype});
     if (a.amsgrad == Amsgrad::On)
-      lists.push_back({"max_exp_avg_sqs", "max_exp_avg_sq", &TensorSpan::max_exp_avg_sq});
+      lists.push_back({"max_exp_avg_sqs", "max_exp_avg_sq", &TensorSpan::max_exp_avg_sq, a.state_dtype});
   } else {
     SgdHyper h;
     h.lr = lr;
@@ -370,7 +453,7 @@ Batch make_batch(const py::dict& d, Optim optim) {
       throw py::value_error("nesterov" + in_group + " requires a momentum and zero dampening");
     if (h.momentum != 0.0) {
       a.momentum = get_or<bool>(d, "momentum_first", false) ? Momentum::First : Momentum::On;
-      lists.push_back({"momentum_buffers", "momentum_buffer", &TensorSpan::exp_avg});
+      lists.push_back({"momentum_buffers", "momentum_buffer", &TensorSpan::exp_avg, a.state_dtype});
     }
   }
   if (has(d, "grad_accums")) {
@@ -385,7 +468,40 @@ Batch make_batch(const py::dict& d, Optim optim) {
     sc.one_minus_ema_momentum = static_cast<float>(1.0 - m);
     lists.push_back({"emas", "ema", &TensorSpan::ema});
   }
-  b.buffers = validate(d, lists, Namer{group, get_or<std::vector<int64_t>>(d, "indices", {})});
+  // float32 params take every update as "nearest" and need no extra buffers.
+  a.param_update = a.param_dtype == DType::Float32 ? ParamUpdate::Nearest : update;
+  if (a.param_update == ParamUpdate::Master)
+    lists.push_back({"masters", "master", &TensorSpan::master, DType::Float32});
+  if (a.param_update == ParamUpdate::Kahan)
+    lists.push_back({"kahan_comps", "kahan_comp", &TensorSpan::kahan_comp, a.param_dtype});
+  int64_t seed = 0, rounding_step = 0;
+  std::vector<int64_t> stream_ids;
+  if (a.param_update == ParamUpdate::Stochastic) {
+    for (const char* key : {"seed", "rounding_step", "stream_ids"})
+      if (!has(d, key)) throw py::value_error(std::string("batch is missing '") + key + "'");
+    seed = get_or<int64_t>(d, "seed", 0);
+    if (seed < 0 || seed >= (int64_t{1} << 31))
+      throw py::value_error("invalid seed" + in_group + ": " + std::to_string(seed) +
+                            " (expected an int in [0, 2**31))");
+    rounding_step = get_or<int64_t>(d, "rounding_step", 0);
+    if (rounding_step < 0)
+      throw py::value_error("invalid rounding_step" + in_group + ": " + std::to_string(rounding_step) +
+                            " (expected an int >= 0)");
+    stream_ids = get_or<std::vector<int64_t>>(d, "stream_ids", {});
+    for (int64_t id : stream_ids)
+      if (id < 0)
+        throw py::value_error("invalid stream_ids" + in_group + ": " + std::to_string(id) +
+                              " (expected ints >= 0)");
+  }
+  b.buffers = validate(d, lists, Namer{group, get_or<std::vector<int64_t>>(d, "indices", {})},
+                       a.param_dtype, a.grad_dtype);
+  if (a.param_update == ParamUpdate::Stochastic) {
+    if (stream_ids.size() != b.buffers.spans.size())
+      throw py::value_error("stream_ids has " + std::to_string(stream_ids.size()) +
+                            " entries but params has " + std::to_string(b.buffers.spans.size()));
+    for (size_t i = 0; i < stream_ids.size(); ++i)
+      b.buffers.spans[i].rounding_key = rounding_key(seed, rounding_step, stream_ids[i]);
+  }
   if (optim == Optim::Adam) {
     b.step = get_or<int64_t>(d, "step", 0);
     b.step_buffers = check_step_buffers(d, in_group);
@@ -422,7 +538,8 @@ std::vector<Batch> parse_batches(py::handle batches_obj, Optim optim) {
 
 // Per-tensor sums of squares of the spans' grads (plus grad_accum where set),
 // in double; deterministic (see NormArgs). Call without the GIL.
-std::vector<double> sum_squares(const KernelTable& table, const std::vector<TensorSpan>& spans) {
+std::vector<double> sum_squares_of(const KernelTable& table, const std::vector<TensorSpan>& spans,
+                                   DType grad_dtype) {
   std::vector<int64_t> block_offsets(spans.size() + 1, 0);
   int64_t elements = 0;
   for (size_t i = 0; i < spans.size(); ++i) {
@@ -435,12 +552,32 @@ std::vector<double> sum_squares(const KernelTable& table, const std::vector<Tens
   n.num_tensors = static_cast<int64_t>(spans.size());
   n.block_offsets = block_offsets.data();
   n.block_sums = block_sums.data();
+  n.grad_dtype = grad_dtype;
   // A norm pass reads one buffer per element, a step four: more elements per thread.
   n.num_threads = threads_for(elements / 4, num_threads());
   if (block_offsets.back() > 0) table.sum_squares(n);
   std::vector<double> sums(spans.size(), 0.0);
   for (size_t i = 0; i < spans.size(); ++i)
     for (int64_t k = block_offsets[i]; k < block_offsets[i + 1]; ++k) sums[i] += block_sums[k];
+  return sums;
+}
+
+// As sum_squares_of, for spans whose grads differ in dtype: one pass per dtype.
+std::vector<double> sum_squares(const KernelTable& table, const std::vector<TensorSpan>& spans,
+                                const std::vector<DType>& grad_dtypes) {
+  std::vector<double> sums(spans.size(), 0.0);
+  for (DType dtype : {DType::Float32, DType::BFloat16, DType::Float16}) {
+    std::vector<TensorSpan> some;
+    std::vector<size_t> where;
+    for (size_t i = 0; i < spans.size(); ++i)
+      if (grad_dtypes[i] == dtype) {
+        some.push_back(spans[i]);
+        where.push_back(i);
+      }
+    if (some.empty()) continue;
+    std::vector<double> part = sum_squares_of(table, some, dtype);
+    for (size_t k = 0; k < where.size(); ++k) sums[where[k]] = part[k];
+  }
   return sums;
 }
 
@@ -466,8 +603,12 @@ py::dict run_step(py::handle batches_obj, Optim optim, py::object global_clipnor
     py::gil_scoped_release release;
     if (need_norms) {
       std::vector<TensorSpan> all;
-      for (const Batch& b : batches) all.insert(all.end(), b.buffers.spans.begin(), b.buffers.spans.end());
-      std::vector<double> sums = sum_squares(table, all);
+      std::vector<DType> grad_dtypes;
+      for (const Batch& b : batches) {
+        all.insert(all.end(), b.buffers.spans.begin(), b.buffers.spans.end());
+        grad_dtypes.insert(grad_dtypes.end(), b.buffers.spans.size(), b.args.grad_dtype);
+      }
+      std::vector<double> sums = sum_squares(table, all, grad_dtypes);
       double total = 0.0;
       for (size_t i = 0, t = 0; i < batches.size(); ++i)
         for (size_t k = 0; k < batches[i].buffers.spans.size(); ++k, ++t)
@@ -523,11 +664,13 @@ py::dict run_step(py::handle batches_obj, Optim optim, py::object global_clipnor
   return result;
 }
 
-// grad_accums[i] += grads[i] over batches {'grads', 'grad_accums', 'group', 'indices'}.
+// grad_accums[i] += grads[i] over batches {'grads', 'grad_accums', 'grad_dtype',
+// 'group', 'indices'}; the accumulators are float32 whatever the grads are.
 void accumulate(py::handle batches_obj) {
   if (!py::isinstance<py::list>(batches_obj) && !py::isinstance<py::tuple>(batches_obj))
     throw py::type_error("accumulate: expected a list of batch dicts");
   std::vector<Buffers> all;
+  std::vector<DType> grad_dtypes;
   std::vector<Extent> written, read;
   for (py::handle item : py::reinterpret_borrow<py::sequence>(batches_obj)) {
     if (!py::isinstance<py::dict>(item)) throw py::type_error("accumulate: each batch must be a dict");
@@ -535,17 +678,20 @@ void accumulate(py::handle batches_obj) {
     if (!src.contains("grads") || !src.contains("grad_accums"))
       throw py::value_error("batch must have 'grads' and 'grad_accums'");
     // The accumulators are the written buffers, so they take the params' place.
+    const int group = get_or<int>(src, "group", 0);
+    grad_dtypes.push_back(parse_dtype(src, "grad_dtype", " in group " + std::to_string(group)));
     py::dict d;
     d["params"] = src["grad_accums"];
     d["grads"] = src["grads"];
-    all.push_back(validate(
-        d, {}, Namer{get_or<int>(src, "group", 0), get_or<std::vector<int64_t>>(src, "indices", {})}));
+    all.push_back(validate(d, {}, Namer{group, get_or<std::vector<int64_t>>(src, "indices", {})},
+                           DType::Float32, grad_dtypes.back()));
     written.insert(written.end(), all.back().written.begin(), all.back().written.end());
     read.insert(read.end(), all.back().read.begin(), all.back().read.end());
   }
   check_no_overlap(std::move(written), read);
   py::gil_scoped_release release;
-  for (Buffers& b : all) {
+  for (size_t k = 0; k < all.size(); ++k) {
+    Buffers& b = all[k];
     for (TensorSpan& s : b.spans) {
       s.grad_accum = s.param;
       s.param = nullptr;
@@ -554,24 +700,28 @@ void accumulate(py::handle batches_obj) {
     a.tensors = b.spans.data();
     a.num_tensors = static_cast<int64_t>(b.spans.size());
     a.offsets = b.offsets.data();
+    a.grad_dtype = grad_dtypes[k];
     a.num_threads = threads_for(b.offsets.back(), num_threads());
     if (b.offsets.back() > 0) active_table().accumulate(a);
   }
 }
 
-std::vector<double> sum_squares_py(py::handle grads) {
+std::vector<double> sum_squares_py(py::handle grads, const std::string& grad_dtype_name) {
+  py::dict holder;
+  holder["grad_dtype"] = grad_dtype_name;
+  const DType grad_dtype = parse_dtype(holder, "grad_dtype", "");
   py::sequence seq = as_list(grads, "grads");
   std::vector<py::array> keep;
   std::vector<TensorSpan> spans(seq.size());
   Namer namer;
   namer.list_name = "grads";
   for (size_t i = 0; i < seq.size(); ++i) {
-    keep.push_back(check_buffer(seq[i], namer, nullptr, i, false, nullptr));
+    keep.push_back(check_buffer(seq[i], namer, nullptr, i, false, nullptr, grad_dtype));
     spans[i].grad = keep.back().data();
     spans[i].numel = keep.back().size();
   }
   py::gil_scoped_release release;
-  return sum_squares(active_table(), spans);
+  return sum_squares_of(active_table(), spans, grad_dtype);
 }
 
 void stream_pass(py::handle params, py::handle grads, py::handle exp_avgs, py::handle exp_avg_sqs) {
@@ -668,8 +818,10 @@ PYBIND11_MODULE(_core, m) {
   m.def("accumulate", &accumulate, py::arg("batches"),
         "grad_accums[i] += grads[i] in place over batches {'grads', 'grad_accums', 'group',\n"
         "'indices'} (a gradient-accumulation call); validated before any write.");
-  m.def("sum_squares", &sum_squares_py, py::arg("grads"),
-        "Per-array sums of squares in float64, the same bits for any thread count.");
+  m.def("sum_squares", &sum_squares_py, py::arg("grads"), py::kw_only(),
+        py::arg("grad_dtype") = "float32",
+        "Per-array sums of squares in float64, the same bits for any thread count; the grads\n"
+        "are float32, bfloat16 or float16 as grad_dtype says.");
   m.def("stream_pass", &stream_pass, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
         py::arg("exp_avg_sqs"),
         "Memory-roofline proxy: reads four buffers and writes three in place, as a step does.");

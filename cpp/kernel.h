@@ -18,6 +18,23 @@
 //   g    = g + momentum * b (nesterov) or b
 //   p    = p - lr * g
 //
+// Element types: the arithmetic is always float32. The functions below are
+// templated on P (param: float32 here; a bfloat16/float16 param is stepped as a
+// float32 tile, see below), G (grad: float32 or bfloat16; float16 grads arrive
+// as a float32 tile) and S (exp_avg, exp_avg_sq, max_exp_avg_sq, momentum
+// buffer: float32 or bfloat16). grad_accum and ema are always float32.
+//
+// How a bfloat16/float16 param takes its update (ParamUpdate), with q the
+// stored param, c the compensation, M the float32 master, step() the update above:
+//   Nearest:    p = q;          q = rne(step(p))
+//   Stochastic: p = q;          q = sr(step(p), hash(key, i))   (one of the two neighbours)
+//   Kahan:      p = q + c;      p = step(p);  q = rne(p);  c = rne(p - q)   (0 if q is not finite)
+//   Master:     M = step(M);    q = rne(M)
+// Kahan is compensated summation of each step's float32 change d = step(p) - p:
+// p + d = q + (c + d), and c keeps the part of the sum the stored q cannot, so
+// q + c follows the float32 trajectory to about one ulp of c, well within one
+// ulp of q's dtype. ema, decay and L2 see p (the compensated value, the master).
+//
 // The loops are plain C++ that GCC vectorises under each level's flags; the
 // remainder is the same source run one lane at a time, so body and tail round
 // identically and results never depend on where a thread's slice begins.
@@ -48,13 +65,13 @@ inline float clip(float g, float limit) {
 
 // The gradient as the update sees it: accumulated, scaled, clipped (GradInput).
 template <GradInput kGrad, typename G>
-inline float effective_grad(const G* __restrict grad, G* __restrict grad_accum, int64_t i,
+inline float effective_grad(const G* __restrict grad, float* __restrict grad_accum, int64_t i,
                             float scale, float clip_value) {
   float g = load_float(grad[i]);
   if constexpr (kGrad == GradInput::Raw) return g;
   if constexpr (kGrad == GradInput::Accumulated) {
-    g = load_float(grad_accum[i]) + g;
-    grad_accum[i] = store_float<G>(0.f);
+    g = grad_accum[i] + g;
+    grad_accum[i] = 0.f;
   }
   return clip(g * scale, clip_value);
 }
@@ -63,7 +80,7 @@ template <DecayMode kDecay, Amsgrad kAmsgrad, GradInput kGrad, Ema kEma, typenam
           typename G, typename S>
 inline void adam_range(P* __restrict param, const G* __restrict grad, S* __restrict exp_avg,
                        S* __restrict exp_avg_sq, S* __restrict max_exp_avg_sq,
-                       G* __restrict grad_accum, P* __restrict ema, int64_t n, float grad_scale,
+                       float* __restrict grad_accum, float* __restrict ema, int64_t n, float grad_scale,
                        const StepScalars& sc) {
   // Scalars as locals: the compiler cannot prove the buffers do not alias sc.
   const float beta2 = sc.beta2, lerp_coef = sc.lerp_coef;
@@ -95,14 +112,14 @@ inline void adam_range(P* __restrict param, const G* __restrict grad, S* __restr
     exp_avg_sq[i] = store_float<S>(v);
     param[i] = store_float<P>(p);
     if constexpr (kEma == Ema::On)
-      ema[i] = store_float<P>(madd(ema_momentum, load_float(ema[i]), one_minus_ema * p));
+      ema[i] = madd(ema_momentum, ema[i], one_minus_ema * p);
   }
 }
 
 template <DecayMode kDecay, Momentum kMomentum, Nesterov kNesterov, GradInput kGrad,
           Ema kEma, typename P, typename G, typename S>
 inline void sgd_range(P* __restrict param, const G* __restrict grad, S* __restrict momentum_buffer,
-                      G* __restrict grad_accum, P* __restrict ema, int64_t n, float grad_scale,
+                      float* __restrict grad_accum, float* __restrict ema, int64_t n, float grad_scale,
                       const StepScalars& sc) {
   const float neg_lr = -sc.step_size, weight_decay = sc.weight_decay, clip_value = sc.clip_value;
   const float momentum = sc.momentum, one_minus_dampening = sc.one_minus_dampening;
@@ -122,22 +139,21 @@ inline void sgd_range(P* __restrict param, const G* __restrict grad, S* __restri
     p = madd(neg_lr, g, p);
     param[i] = store_float<P>(p);
     if constexpr (kEma == Ema::On)
-      ema[i] = store_float<P>(madd(ema_momentum, load_float(ema[i]), one_minus_ema * p));
+      ema[i] = madd(ema_momentum, ema[i], one_minus_ema * p);
   }
 }
 
 template <typename G>
-inline void accumulate_range(const G* __restrict grad, G* __restrict grad_accum, int64_t n) {
+inline void accumulate_range(const G* __restrict grad, float* __restrict grad_accum, int64_t n) {
 #pragma GCC ivdep
-  for (int64_t i = 0; i < n; ++i)
-    grad_accum[i] = store_float<G>(load_float(grad_accum[i]) + load_float(grad[i]));
+  for (int64_t i = 0; i < n; ++i) grad_accum[i] = grad_accum[i] + load_float(grad[i]);
 }
 
 // Sum of squares of one block in double. Element i always lands in lane
 // i % kLanes and the lanes combine in a fixed tree, so the result is the same
 // bits whatever the vector width. Squares of floats are exact in double.
 template <typename G>
-inline double block_sum_squares(const G* __restrict grad, const G* __restrict grad_accum,
+inline double block_sum_squares(const G* __restrict grad, const float* __restrict grad_accum,
                                 int64_t n) {
   constexpr int kLanes = 8;
   double lanes[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -145,19 +161,60 @@ inline double block_sum_squares(const G* __restrict grad, const G* __restrict gr
   for (; i + kLanes <= n; i += kLanes) {
     for (int j = 0; j < kLanes; ++j) {
       float x = load_float(grad[i + j]);
-      if (grad_accum != nullptr) x = load_float(grad_accum[i + j]) + x;
+      if (grad_accum != nullptr) x = grad_accum[i + j] + x;
       const double d = x;
       lanes[j] += d * d;
     }
   }
   for (int j = 0; i < n; ++i, ++j) {
     float x = load_float(grad[i]);
-    if (grad_accum != nullptr) x = load_float(grad_accum[i]) + x;
+    if (grad_accum != nullptr) x = grad_accum[i] + x;
     const double d = x;
     lanes[j] += d * d;
   }
   return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
          ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+// A bfloat16/float16 param as the float32 values the step starts from
+// (Nearest, Stochastic: the param; Kahan: param + compensation). Master needs
+// no tile: the master itself is stepped in place.
+template <ParamUpdate kUpdate, typename P>
+inline void load_param_tile(const P* __restrict param, const P* __restrict kahan_comp,
+                            float* __restrict tile, int64_t n) {
+  if constexpr (kUpdate == ParamUpdate::Kahan) {
+#pragma GCC ivdep
+    for (int64_t i = 0; i < n; ++i) tile[i] = load_float(param[i]) + load_float(kahan_comp[i]);
+  } else {
+    load_array(param, tile, n);
+  }
+}
+
+// The stepped float32 values (a tile, or the master) back into the param.
+// Stochastic: element i of the run is keyed by index0 + i (the run never
+// crosses a multiple of 2^32, whose high part is folded into key1).
+template <ParamUpdate kUpdate, typename P>
+inline void store_param_tile(const float* __restrict tile, P* __restrict param,
+                             P* __restrict kahan_comp, int64_t n, uint32_t index0, uint32_t key0,
+                             uint32_t key1) {
+  if constexpr (kUpdate == ParamUpdate::Stochastic) {
+#pragma GCC ivdep
+    for (int64_t i = 0; i < n; ++i)
+      param[i] = store_stochastic<P>(
+          tile[i], rounding_bits(index0 + static_cast<uint32_t>(i), key0, key1));
+  } else if constexpr (kUpdate == ParamUpdate::Kahan) {
+#pragma GCC ivdep
+    for (int64_t i = 0; i < n; ++i) {
+      const P q = store_float<P>(tile[i]);
+      const float stored = load_float(q);
+      // An inf or NaN param has nothing to compensate (inf - inf would be NaN).
+      const float lost = stored - stored == 0.f ? tile[i] - stored : 0.f;
+      param[i] = q;
+      kahan_comp[i] = store_float<P>(lost);
+    }
+  } else {
+    store_array(tile, param, n);
+  }
 }
 
 // Roofline proxy: the step's memory traffic (read p, g, m, v; write p, m, v)

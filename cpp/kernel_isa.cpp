@@ -4,6 +4,10 @@
 #include <omp.h>
 
 #include <cstdint>
+#include <type_traits>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 #include "types.h"
 
@@ -91,94 +95,245 @@ const T* at(const void* base, int64_t first) {
   return base == nullptr ? nullptr : static_cast<const T*>(base) + first;
 }
 
-template <typename P, typename G, typename S>
-void adam_typed(const StepArgs& a) {
-  with_decay(a.decay, [&](auto decay) {
-    with_grad_ema(a, [&](auto grad_input, auto ema) {
-      auto run = [&](auto amsgrad) {
-        parallel_pieces(a.tensors, a.offsets, a.num_tensors, a.num_threads,
-                        [&](const TensorSpan& s, int64_t piece_first, int64_t piece_count) {
-                          aligned_runs(s.param, sizeof(P), piece_first, piece_count,
-                                       [&](int64_t first, int64_t count) {
-                            adam_range<decay.value, amsgrad.value, grad_input.value, ema.value>(
-                                at<P>(s.param, first), at<G>(s.grad, first),
-                                at<S>(s.exp_avg, first), at<S>(s.exp_avg_sq, first),
-                                at<S>(s.max_exp_avg_sq, first), at<G>(s.grad_accum, first),
-                                at<P>(s.ema, first), count, s.grad_scale, a.scalars);
-                          });
-                        });
-      };
-      if (a.amsgrad == Amsgrad::On) run(Flag<Amsgrad::On>{}); else run(Flag<Amsgrad::Off>{});
-    });
-  });
+template <typename T>
+T* at_bytes(void* base, int64_t first, int64_t elem) {
+  return base == nullptr ? nullptr : reinterpret_cast<T*>(static_cast<char*>(base) + first * elem);
 }
 
-template <typename P, typename G, typename S>
-void sgd_typed(const StepArgs& a) {
+// One run of the arithmetic over n elements: the param as float32 (the param
+// itself, a tile or the master), the grad in the type the arithmetic reads.
+struct RunPtrs {
+  float* param;
+  const void* grad;
+  void* exp_avg;  // SGD: momentum_buffer
+  void* exp_avg_sq;
+  void* max_exp_avg_sq;
+  float* grad_accum;
+  float* ema;
+};
+
+// The arithmetic for one set of flags and (G, S), behind a plain function
+// pointer: the drivers below (one per param dtype and update mode) call it per
+// tile without being instantiated again for every flag combination.
+using RangeFn = void (*)(const RunPtrs& r, int64_t n, float grad_scale, const StepScalars& sc);
+
+template <DecayMode kDecay, Amsgrad kAmsgrad, GradInput kGrad, Ema kEma, typename G, typename S>
+void adam_run(const RunPtrs& r, int64_t n, float grad_scale, const StepScalars& sc) {
+  adam_range<kDecay, kAmsgrad, kGrad, kEma>(
+      r.param, static_cast<const G*>(r.grad), static_cast<S*>(r.exp_avg),
+      static_cast<S*>(r.exp_avg_sq), static_cast<S*>(r.max_exp_avg_sq), r.grad_accum, r.ema, n,
+      grad_scale, sc);
+}
+
+template <DecayMode kDecay, Momentum kMomentum, Nesterov kNesterov, GradInput kGrad, Ema kEma,
+          typename G, typename S>
+void sgd_run(const RunPtrs& r, int64_t n, float grad_scale, const StepScalars& sc) {
+  sgd_range<kDecay, kMomentum, kNesterov, kGrad, kEma>(r.param, static_cast<const G*>(r.grad),
+                                                       static_cast<S*>(r.exp_avg), r.grad_accum,
+                                                       r.ema, n, grad_scale, sc);
+}
+
+template <typename G, typename S>
+RangeFn adam_fn(const StepArgs& a) {
+  RangeFn fn = nullptr;
+  with_decay(a.decay, [&](auto decay) {
+    with_grad_ema(a, [&](auto grad_input, auto ema) {
+      if (a.amsgrad == Amsgrad::On)
+        fn = &adam_run<decay.value, Amsgrad::On, grad_input.value, ema.value, G, S>;
+      else
+        fn = &adam_run<decay.value, Amsgrad::Off, grad_input.value, ema.value, G, S>;
+    });
+  });
+  return fn;
+}
+
+template <typename G, typename S>
+RangeFn sgd_fn(const StepArgs& a) {
+  RangeFn fn = nullptr;
   const DecayMode decay_mode = a.decay == DecayMode::None ? DecayMode::None : DecayMode::L2;
   with_decay(decay_mode, [&](auto decay) {
     if constexpr (decay.value != DecayMode::Decoupled) {
       with_grad_ema(a, [&](auto grad_input, auto ema) {
-        auto run = [&](auto momentum, auto nesterov) {
-          parallel_pieces(a.tensors, a.offsets, a.num_tensors, a.num_threads,
-                          [&](const TensorSpan& s, int64_t piece_first, int64_t piece_count) {
-                            aligned_runs(s.param, sizeof(P), piece_first, piece_count,
-                                         [&](int64_t first, int64_t count) {
-                              sgd_range<decay.value, momentum.value, nesterov.value,
-                                        grad_input.value, ema.value>(
-                                  at<P>(s.param, first), at<G>(s.grad, first),
-                                  at<S>(s.exp_avg, first), at<G>(s.grad_accum, first),
-                                  at<P>(s.ema, first), count, s.grad_scale, a.scalars);
-                            });
-                          });
+        auto pick = [&](auto momentum, auto nesterov) {
+          fn = &sgd_run<decay.value, momentum.value, nesterov.value, grad_input.value, ema.value,
+                        G, S>;
         };
         const bool nesterov = a.nesterov == Nesterov::On;
         switch (a.momentum) {
-          case Momentum::Off: return run(Flag<Momentum::Off>{}, Flag<Nesterov::Off>{});
+          case Momentum::Off: return pick(Flag<Momentum::Off>{}, Flag<Nesterov::Off>{});
           case Momentum::First:
-            return nesterov ? run(Flag<Momentum::First>{}, Flag<Nesterov::On>{})
-                            : run(Flag<Momentum::First>{}, Flag<Nesterov::Off>{});
+            return nesterov ? pick(Flag<Momentum::First>{}, Flag<Nesterov::On>{})
+                            : pick(Flag<Momentum::First>{}, Flag<Nesterov::Off>{});
           case Momentum::On:
-            return nesterov ? run(Flag<Momentum::On>{}, Flag<Nesterov::On>{})
-                            : run(Flag<Momentum::On>{}, Flag<Nesterov::Off>{});
+            return nesterov ? pick(Flag<Momentum::On>{}, Flag<Nesterov::On>{})
+                            : pick(Flag<Momentum::On>{}, Flag<Nesterov::Off>{});
         }
       });
     }
   });
+  return fn;
 }
 
-bool all_float32(const StepArgs& a) {
-  return a.param_dtype == DType::Float32 && a.grad_dtype == DType::Float32 &&
-         a.state_dtype == DType::Float32;
+// Elements per tile when a bfloat16/float16 param or a float16 grad is
+// converted to float32 around the arithmetic: 2 KiB per tile, so the tiles stay
+// in L1 between the conversion, the step and the store.
+constexpr int64_t kTile = 512;
+
+// Steps [first, first + count) of one tensor. float32 params with float32 or
+// bfloat16 grads run in place; otherwise tile by tile: convert in, step, store.
+template <typename P, ParamUpdate kUpdate, typename G>
+void run_tensor(const TensorSpan& s, int64_t first, int64_t count, RangeFn fn, int64_t state_size,
+                const StepScalars& sc) {
+  constexpr bool kTiledParam = !std::is_same_v<P, float>;
+  constexpr bool kTiledGrad = std::is_same_v<G, Float16>;
+  auto ptrs = [&](int64_t i0) {
+    return RunPtrs{at<float>(s.param, i0), at<G>(s.grad, i0),
+                   at_bytes<void>(s.exp_avg, i0, state_size),
+                   at_bytes<void>(s.exp_avg_sq, i0, state_size),
+                   at_bytes<void>(s.max_exp_avg_sq, i0, state_size),
+                   at<float>(s.grad_accum, i0), at<float>(s.ema, i0)};
+  };
+  if constexpr (!kTiledParam && !kTiledGrad) {
+    fn(ptrs(first), count, s.grad_scale, sc);
+  } else {
+    alignas(64) float param_tile[kTile];
+    alignas(64) float grad_tile[kTile];
+    for (int64_t i0 = first, end = first + count; i0 < end;) {
+      int64_t n = end - i0 < kTile ? end - i0 : kTile;
+      // The stochastic key's index is 32 bits: runs stop at multiples of 2^32.
+      const int64_t to_boundary = (int64_t{1} << 32) - (i0 & 0xFFFFFFFF);
+      n = n < to_boundary ? n : to_boundary;
+      RunPtrs r = ptrs(i0);
+      if constexpr (kTiledGrad) {
+        load_array(at<Float16>(s.grad, i0), grad_tile, n);
+        r.grad = grad_tile;
+      }
+      if constexpr (kTiledParam) {
+        if constexpr (kUpdate == ParamUpdate::Master) {
+          r.param = at<float>(s.master, i0);
+        } else {
+          load_param_tile<kUpdate>(at<P>(s.param, i0), at<P>(s.kahan_comp, i0), param_tile, n);
+          r.param = param_tile;
+        }
+      }
+      fn(r, n, s.grad_scale, sc);
+      if constexpr (kTiledParam) {
+        const uint32_t hi = static_cast<uint32_t>(static_cast<uint64_t>(i0) >> 32);
+        const uint32_t key0 = static_cast<uint32_t>(s.rounding_key);
+        const uint32_t key1 = static_cast<uint32_t>(s.rounding_key >> 32) ^ mix32(hi);
+        store_param_tile<kUpdate>(r.param, at<P>(s.param, i0), at<P>(s.kahan_comp, i0), n,
+                                  static_cast<uint32_t>(i0), key0, key1);
+      }
+      i0 += n;
+    }
+  }
 }
 
-bool adam_step(const StepArgs& a) {
-  if (!all_float32(a)) return false;
-  adam_typed<float, float, float>(a);
-  return true;
+template <typename P, ParamUpdate kUpdate, typename G>
+void run_all(const StepArgs& a, RangeFn fn, int64_t state_size) {
+  parallel_pieces(a.tensors, a.offsets, a.num_tensors, a.num_threads,
+                  [&](const TensorSpan& s, int64_t piece_first, int64_t piece_count) {
+                    aligned_runs(s.param, sizeof(P), piece_first, piece_count,
+                                 [&](int64_t first, int64_t count) {
+                      run_tensor<P, kUpdate, G>(s, first, count, fn, state_size, a.scalars);
+                    });
+                  });
 }
 
-bool sgd_step(const StepArgs& a) {
-  if (!all_float32(a)) return false;
-  sgd_typed<float, float, float>(a);
-  return true;
+template <typename P, typename G>
+void run_update(const StepArgs& a, RangeFn fn, int64_t state_size) {
+  if constexpr (std::is_same_v<P, float>) {
+    run_all<P, ParamUpdate::Nearest, G>(a, fn, state_size);
+  } else {
+    switch (a.param_update) {
+      case ParamUpdate::Nearest: return run_all<P, ParamUpdate::Nearest, G>(a, fn, state_size);
+      case ParamUpdate::Stochastic: return run_all<P, ParamUpdate::Stochastic, G>(a, fn, state_size);
+      case ParamUpdate::Kahan: return run_all<P, ParamUpdate::Kahan, G>(a, fn, state_size);
+      case ParamUpdate::Master: return run_all<P, ParamUpdate::Master, G>(a, fn, state_size);
+    }
+  }
 }
 
-bool accumulate(const StepArgs& a) {
-  if (a.grad_dtype != DType::Float32) return false;
+template <typename G>
+void run_param(const StepArgs& a, RangeFn fn, int64_t state_size) {
+  switch (a.param_dtype) {
+    case DType::Float32: return run_update<float, G>(a, fn, state_size);
+    case DType::BFloat16: return run_update<BFloat16, G>(a, fn, state_size);
+    case DType::Float16: return run_update<Float16, G>(a, fn, state_size);
+  }
+}
+
+// The arithmetic reads float32 or bfloat16 grads; float16 grads come as a
+// float32 tile (the level's F16C conversion), so fn is picked for G = float.
+template <template <typename, typename> class Pick>
+bool step(const StepArgs& a) {
+  if (a.state_dtype == DType::Float16) return false;
+  const bool bf16_state = a.state_dtype == DType::BFloat16;
+  const int64_t state_size = bf16_state ? 2 : 4;
+  switch (a.grad_dtype) {
+    case DType::Float32:
+      run_param<float>(a, bf16_state ? Pick<float, BFloat16>::fn(a) : Pick<float, float>::fn(a),
+                       state_size);
+      return true;
+    case DType::BFloat16:
+      run_param<BFloat16>(a, bf16_state ? Pick<BFloat16, BFloat16>::fn(a)
+                                        : Pick<BFloat16, float>::fn(a),
+                          state_size);
+      return true;
+    case DType::Float16:
+      run_param<Float16>(a, bf16_state ? Pick<float, BFloat16>::fn(a) : Pick<float, float>::fn(a),
+                         state_size);
+      return true;
+  }
+  return false;
+}
+
+template <typename G, typename S>
+struct PickAdam {
+  static RangeFn fn(const StepArgs& a) { return adam_fn<G, S>(a); }
+};
+
+template <typename G, typename S>
+struct PickSgd {
+  static RangeFn fn(const StepArgs& a) { return sgd_fn<G, S>(a); }
+};
+
+bool adam_step(const StepArgs& a) { return step<PickAdam>(a); }
+
+bool sgd_step(const StepArgs& a) { return step<PickSgd>(a); }
+
+template <typename G>
+void accumulate_typed(const StepArgs& a) {
   parallel_pieces(a.tensors, a.offsets, a.num_tensors, a.num_threads,
                   [&](const TensorSpan& s, int64_t piece_first, int64_t piece_count) {
                     aligned_runs(s.grad_accum, sizeof(float), piece_first, piece_count,
                                  [&](int64_t first, int64_t count) {
-                      accumulate_range(at<float>(s.grad, first), at<float>(s.grad_accum, first),
-                                       count);
+                      if constexpr (std::is_same_v<G, Float16>) {
+                        alignas(64) float tile[kTile];
+                        for (int64_t i0 = first; i0 < first + count; i0 += kTile) {
+                          const int64_t n = first + count - i0 < kTile ? first + count - i0 : kTile;
+                          load_array(at<Float16>(s.grad, i0), tile, n);
+                          accumulate_range(tile, at<float>(s.grad_accum, i0), n);
+                        }
+                      } else {
+                        accumulate_range(at<G>(s.grad, first), at<float>(s.grad_accum, first),
+                                         count);
+                      }
                     });
                   });
-  return true;
 }
 
-bool sum_squares(const NormArgs& a) {
-  if (a.grad_dtype != DType::Float32) return false;
+bool accumulate(const StepArgs& a) {
+  switch (a.grad_dtype) {
+    case DType::Float32: accumulate_typed<float>(a); return true;
+    case DType::BFloat16: accumulate_typed<BFloat16>(a); return true;
+    case DType::Float16: accumulate_typed<Float16>(a); return true;
+  }
+  return false;
+}
+
+template <typename G>
+void sum_squares_typed(const NormArgs& a) {
   const int64_t total_blocks = a.block_offsets[a.num_tensors];
 #pragma omp parallel num_threads(a.num_threads) if (a.num_threads > 1)
   {
@@ -186,17 +341,33 @@ bool sum_squares(const NormArgs& a) {
     Slice s = thread_slice(total_blocks, omp_get_thread_num(), omp_get_num_threads());
     for_each_piece(a.block_offsets, a.num_tensors, s, [&](int64_t t, int64_t first, int64_t count) {
       const TensorSpan& span = a.tensors[t];
-      const float* grad = static_cast<const float*>(span.grad);
+      const G* grad = static_cast<const G*>(span.grad);
       const float* accum = static_cast<const float*>(span.grad_accum);
       for (int64_t b = first; b < first + count; ++b) {
         const int64_t lo = b * kNormBlock;
         const int64_t n = span.numel - lo < kNormBlock ? span.numel - lo : kNormBlock;
-        a.block_sums[a.block_offsets[t] + b] =
-            block_sum_squares(grad + lo, accum == nullptr ? nullptr : accum + lo, n);
+        double sum;
+        if constexpr (std::is_same_v<G, Float16>) {
+          // The level's F16C conversion, then the float32 block.
+          float tile[kNormBlock];
+          load_array(grad + lo, tile, n);
+          sum = block_sum_squares(tile, accum == nullptr ? nullptr : accum + lo, n);
+        } else {
+          sum = block_sum_squares(grad + lo, accum == nullptr ? nullptr : accum + lo, n);
+        }
+        a.block_sums[a.block_offsets[t] + b] = sum;
       }
     });
   }
-  return true;
+}
+
+bool sum_squares(const NormArgs& a) {
+  switch (a.grad_dtype) {
+    case DType::Float32: sum_squares_typed<float>(a); return true;
+    case DType::BFloat16: sum_squares_typed<BFloat16>(a); return true;
+    case DType::Float16: sum_squares_typed<Float16>(a); return true;
+  }
+  return false;
 }
 
 void stream_pass(const StepArgs& a) {

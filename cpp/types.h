@@ -27,6 +27,13 @@ enum class GradInput : int { Raw = 0, Scaled = 1, Accumulated = 2 };
 // An exponential moving average of the params, updated in the same pass.
 enum class Ema : int { Off = 0, On = 1 };
 
+// How a bfloat16/float16 param takes its float32 update (float32 params: always
+// Nearest). Nearest: round to nearest even. Stochastic: one of the two
+// neighbours, chosen by a counter-based hash. Kahan: a compensation buffer in
+// the param's dtype holds what rounding lost. Master: a float32 copy is stepped
+// and rounded into the param.
+enum class ParamUpdate : int { Nearest = 0, Stochastic = 1, Kahan = 2, Master = 3 };
+
 // SGD's momentum buffer: none, or the first step (buffer = d_p), or later steps.
 enum class Momentum : int { Off = 0, First = 1, On = 2 };
 enum class Nesterov : int { Off = 0, On = 1 };
@@ -54,6 +61,9 @@ struct StepScalars {
 };
 
 // One tensor's buffers; all have `numel` elements. Unused pointers are null.
+// param, kahan_comp: param_dtype; grad: grad_dtype; exp_avg, exp_avg_sq,
+// max_exp_avg_sq: state_dtype; grad_accum, ema, master: always float32 (an
+// accumulator or average in bfloat16 would lose the small increments).
 struct TensorSpan {
   void* param = nullptr;
   const void* grad = nullptr;
@@ -62,6 +72,11 @@ struct TensorSpan {
   void* max_exp_avg_sq = nullptr;  // amsgrad
   void* grad_accum = nullptr;      // GradInput::Accumulated, and the accumulate pass
   void* ema = nullptr;             // Ema::On
+  void* master = nullptr;          // ParamUpdate::Master
+  void* kahan_comp = nullptr;      // ParamUpdate::Kahan
+  // ParamUpdate::Stochastic: the hash of (seed, rounding_step, stream_id),
+  // computed on the host; element i's rounding is keyed by (rounding_key, i).
+  uint64_t rounding_key = 0;
   int64_t numel = 0;
   // maximize's sign x loss scale x clipping x 1/accumulation steps, set per
   // tensor on the host in double because clipnorm differs between tensors.
@@ -83,6 +98,7 @@ struct StepArgs {
   DType param_dtype = DType::Float32;
   DType grad_dtype = DType::Float32;
   DType state_dtype = DType::Float32;
+  ParamUpdate param_update = ParamUpdate::Nearest;
   int num_threads = 1;
 };
 

@@ -69,3 +69,81 @@ def adam_step(
         param -= (lr * np.sqrt(bc2) / bc1) * state["exp_avg"] / (np.sqrt(v) + eps)
     else:
         raise ValueError(eps_mode)
+
+
+def sgd_step(
+    param: np.ndarray,
+    grad: np.ndarray,
+    state: dict,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+) -> None:
+    """One torch.optim.SGD step on float64 buffers; state['momentum_buffer'] starts as the first d_p."""
+    assert param.dtype == np.float64
+    g = np.asarray(grad, dtype=np.float64)
+    g = -g if maximize else g.copy()
+    if weight_decay != 0.0:
+        g += weight_decay * param
+    if momentum != 0.0:
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = g.copy()
+        else:
+            buf = state["momentum_buffer"]
+            buf *= momentum
+            buf += (1.0 - dampening) * g
+        buf = state["momentum_buffer"]
+        g = g + momentum * buf if nesterov else buf
+    param -= lr * g
+
+
+# Rounding to the 16-bit float formats, written with NumPy bit operations (not
+# with ml_dtypes or a cast, so the tests can check those against it).
+
+
+def bf16_round_nearest(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), round to nearest even; NaN -> a quiet NaN."""
+    u = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    return np.where(nan, (u >> 16) | 0x0040, rounded).astype(np.uint16)
+
+
+def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16 or int16) -> float32, exact."""
+    return (np.asarray(bits).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def f16_round_nearest(x: np.ndarray) -> np.ndarray:
+    """float32 -> float16 bits (uint16), round to nearest even, subnormals included.
+
+    Written from the format: a float16 step is 2^(e - 10) for an exponent e >= -14,
+    and 2^-24 below that; the value is rounded to a multiple of its step in float64.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    finite = np.isfinite(x)
+    a = np.abs(np.where(finite, x, 0).astype(np.float64))
+    e = np.floor(np.log2(np.where(a > 0, a, 1.0)))
+    step = 2.0 ** (np.maximum(e, -14) - 10)
+    q = np.minimum(np.round(a / step) * step, 65536.0)  # np.round: half to even
+    sign = np.signbit(x).astype(np.uint16) << 15
+    exp_field = np.where(q >= 2.0**-14, np.floor(np.log2(np.where(q > 0, q, 1.0))) + 15, 0)
+    mant = np.where(q >= 2.0**-14, q / 2.0 ** (exp_field - 15) - 1.0, q / 2.0**-24 / 1024.0) * 1024.0
+    bits = (exp_field.astype(np.uint32) << 10) + np.round(mant).astype(np.uint32)
+    bits = np.where((q >= 65520.0) | np.isinf(x), 0x7C00, bits)  # 65520 rounds to 2^16: inf
+    bits = np.where(np.isnan(x), 0x7E00, bits)
+    return (bits.astype(np.uint16) | sign).astype(np.uint16)
+
+
+def ulp(bits: np.ndarray, dtype: str) -> np.ndarray:
+    """The spacing of the 16-bit format at each stored value (bits as uint16), in float64."""
+    b = np.asarray(bits).view(np.uint16).astype(np.int64)
+    if dtype == "bfloat16":
+        e = (b >> 7) & 0xFF
+        return 2.0 ** (np.maximum(e, 1) - 127 - 7)
+    e = (b >> 10) & 0x1F
+    return 2.0 ** (np.maximum(e, 1) - 15 - 10)

@@ -20,6 +20,21 @@ class _Batch(TypedDict, total=False):
     ema_momentum: float
     group: int
     indices: Sequence[int]
+    # Element types: "float32" (default), "bfloat16" (uint16/int16 bits or
+    # ml_dtypes.bfloat16 arrays) or "float16"; state_dtype: "float32" or "bfloat16".
+    # grad_accums, emas and masters are float32 whatever these say.
+    param_dtype: str
+    grad_dtype: str
+    state_dtype: str
+    # How a bfloat16/float16 param takes its update: "nearest" (default),
+    # "stochastic" (seed, rounding_step, stream_ids), "kahan" (kahan_comps, in
+    # param_dtype) or "master" (masters). Ignored for float32 params.
+    param_update: str
+    masters: Sequence[np.ndarray]
+    kahan_comps: Sequence[np.ndarray]
+    seed: int  # in [0, 2**31)
+    rounding_step: int  # >= 0
+    stream_ids: Sequence[int]  # one per tensor, >= 0
 
 class _AdamBatch(_Batch, total=False):
     exp_avgs: Sequence[np.ndarray]
@@ -49,7 +64,8 @@ class _StepResult(TypedDict):
 
 class _AccumulateBatch(TypedDict, total=False):
     grads: Sequence[np.ndarray]
-    grad_accums: Sequence[np.ndarray]
+    grad_accums: Sequence[np.ndarray]  # float32
+    grad_dtype: str
     group: int
     indices: Sequence[int]
 
@@ -60,7 +76,7 @@ def sgd_step(
     batches: Sequence[_SgdBatch], *, global_clipnorm: float | None = None, skip_nonfinite: bool = False
 ) -> _StepResult: ...
 def accumulate(batches: Sequence[_AccumulateBatch]) -> None: ...
-def sum_squares(grads: Sequence[np.ndarray]) -> list[float]: ...
+def sum_squares(grads: Sequence[np.ndarray], *, grad_dtype: str = "float32") -> list[float]: ...
 def stream_pass(
     params: Sequence[np.ndarray],
     grads: Sequence[np.ndarray],
