@@ -294,7 +294,8 @@ class Options:
         """True when no option changes the plain torch.optim step (and its checkpoint)."""
         return (self.clipnorm is None and self.clipvalue is None and self.global_clipnorm is None
                 and self.loss_scale_factor is None and self.gradient_accumulation_steps == 1
-                and not self.use_ema and not self.skip_nonfinite and not self.has_masks)
+                and not self.use_ema and not self.skip_nonfinite and not self.has_masks
+                and self.param_update == "nearest")
 
 
 # --- the plan -----------------------------------------------------------------------------
@@ -844,6 +845,9 @@ class Engine:
                  "accumulated_calls": self.accumulated_calls}
         if isinstance(self.options.loss_scale_factor, DynamicLossScale):
             extra["loss_scale"] = self.options.loss_scale_factor.state_dict()
+        if self.options.param_update == "stochastic":
+            # With the step counts, the seed is the whole position of the rounding stream.
+            extra["seed"] = self.options.seed
         return extra
 
     def load_extra_state(self, state_dict: dict) -> Callable[[], None]:
@@ -858,6 +862,9 @@ class Engine:
             raise ValueError("loaded state dict has an invalid 'accumulated_calls': "
                              f"{counters['accumulated_calls']} (gradient_accumulation_steps is "
                              f"{self.options.gradient_accumulation_steps})")
+        seed = state_dict.get("seed", self.options.seed)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**31:
+            raise ValueError(f"loaded state dict has an invalid 'seed': {seed!r}")
         loss_scale = state_dict.get("loss_scale")
         factor = self.options.loss_scale_factor
         checked = None
@@ -876,6 +883,7 @@ class Engine:
             self.iterations = counters["iterations"]
             self.skipped_steps = counters["skipped_steps"]
             self.accumulated_calls = counters["accumulated_calls"]
+            self.options.seed = int(seed)
             self._plans.clear()
             if checked is not None:
                 factor.load_state_dict(checked.state_dict())
