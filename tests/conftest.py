@@ -23,7 +23,7 @@ settings.register_profile("ci", max_examples=20, deadline=None, derandomize=True
 settings.register_profile("dev", max_examples=500, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-# Every level name the core may be built with, lowest first (DESIGN.md).
+# Every level name the core may be built with, lowest first.
 ALL_LEVELS = ("baseline", "avx2", "avx512", "neon")
 
 

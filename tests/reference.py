@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: MIT
-"""Float64 NumPy transcription of DESIGN.md's arithmetic: the independent oracle.
+"""Float64 NumPy transcription of the arithmetic in ARCHITECTURE.md: the independent oracle.
 
 Never imports cpuadam. Each function reads like one line of the math; buffers
 are float64 arrays updated in place, so a test can run many steps cheaply.

@@ -16,7 +16,7 @@ from reference import adam_step
 
 EPS32 = float(np.finfo(np.float32).eps)
 
-# torch.optim's documented defaults, which DESIGN.md promises to keep.
+# torch.optim's documented defaults, which the classes keep.
 TORCH_DEFAULTS = {
     "AdamW": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2,
               "amsgrad": False, "maximize": False},

@@ -413,7 +413,7 @@ def _prepare_one(key: str, bufs: Buffers, idx: list) -> Callable[[], None]:
             opt.state[p] = _torch_state(bufs, i, 0)
         return opt.step
     if key == "cpuadam.torch":
-        # Its state has torch.optim's layout (DESIGN.md), so it takes the shared buffers too.
+        # Its state has torch.optim's layout, so it takes the shared buffers too.
         opt = importlib.import_module("cpuadam.torch").AdamW(params, amsgrad=amsgrad, **hyper)
         for i, p in zip(idx, params):
             opt.state[p] = _torch_state(bufs, i, torch.tensor(0.0, dtype=torch.float32))
