@@ -80,6 +80,12 @@ def _check_count(value: Any, name: str, low: int, allow_none: bool = True) -> No
 
 # --- the update rules: what each optimizer's groups hold and how they become core scalars ---
 
+def _check_lr(lr: Any, where: str) -> None:
+    """A number (or one-element tensor) in range; a schedule is checked at each step."""
+    if not callable(lr) or callable(getattr(lr, "numel", None)):
+        check_real(lr, "learning rate" + where)
+
+
 class _Adam:
     name = "adam"
     counts_steps = True
@@ -90,9 +96,7 @@ class _Adam:
 
     @staticmethod
     def check_group(group: dict, where: str) -> None:
-        lr = group["lr"]
-        if not callable(lr) or callable(getattr(lr, "numel", None)):
-            check_real(lr, "learning rate" + where)
+        _check_lr(group["lr"], where)
         check_real(group["eps"], "epsilon value" + where)
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -133,9 +137,7 @@ class _Sgd:
 
     @staticmethod
     def check_group(group: dict, where: str) -> None:
-        lr = group["lr"]
-        if not callable(lr) or callable(getattr(lr, "numel", None)):
-            check_real(lr, "learning rate" + where)
+        _check_lr(group["lr"], where)
         check_real(group["momentum"], "momentum value" + where)
         check_real(group["dampening"], "dampening value" + where, low=-math.inf)
         check_real(group["weight_decay"], "weight_decay value" + where)
@@ -383,6 +385,44 @@ class Adapter:
 
     def mark_updated(self, params: list) -> None:
         """Tells the front-end which params the core wrote (torch bumps autograd versions)."""
+
+
+class EngineUser:
+    """What both front-ends expose of their engine: options as attributes, counters, EMA."""
+
+    _engine: "Engine"
+
+    def __getattr__(self, name: str) -> Any:
+        # The options (clipnorm, use_ema, loss_scale_factor, ...) read as attributes.
+        engine = self.__dict__.get("_engine")
+        if engine is not None and name in vars(engine.options):
+            return getattr(engine.options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def iterations(self) -> int:
+        """Updates applied so far; an lr schedule given as ``lr`` sees iterations + 1."""
+        return self._engine.iterations
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because a grad held inf or NaN (skip_nonfinite)."""
+        return self._engine.skipped_steps
+
+    def _skeys(self) -> list:
+        return self._engine.adapter.state_keys(self.param_groups)
+
+    def ema_params(self) -> list:
+        """The moving averages (float32), one per param in flat order (None before its first update)."""
+        return self._engine.ema_params(self.param_groups, self.state, self._skeys())
+
+    def finalize(self) -> None:
+        """Copies the moving averages into the params (Keras's finalize_variable_values)."""
+        self._engine.finalize(self.param_groups, self.state, self._skeys())
+
+    def swap_ema(self) -> None:
+        """Exchanges params and their moving averages, e.g. around an evaluation."""
+        self._engine.swap_ema(self.param_groups, self.state, self._skeys())
 
 
 def param_name(gi: int, pi: int) -> str:

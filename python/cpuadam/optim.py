@@ -8,7 +8,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from cpuadam._engine import Adapter, DynamicLossScale, Engine, Options, check_step_value
+from cpuadam._engine import (Adapter, DynamicLossScale, Engine, EngineUser, Options,
+                             check_step_value)
 from cpuadam._groups import (
     buffer_like,
     check_disjoint,
@@ -196,29 +197,11 @@ class Optimizer:
         return out
 
 
-class _FusedOptimizer(Optimizer):
+class _FusedOptimizer(EngineUser, Optimizer):
     """The NumPy side of the engine: grads in, one engine step per call."""
 
     def __init__(self, params: Any, defaults: dict, **options: Any):
         super().__init__(params, defaults, Options(**options))
-
-    def __getattr__(self, name: str) -> Any:
-        # The options (clipnorm, use_ema, loss_scale_factor, ...) read as attributes.
-        if name != "_engine" and "_engine" in self.__dict__:
-            opts = self.__dict__["_engine"].options
-            if name in vars(opts):
-                return getattr(opts, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    @property
-    def iterations(self) -> int:
-        """Updates applied so far; an lr callable sees iterations + 1."""
-        return self._engine.iterations
-
-    @property
-    def skipped_steps(self) -> int:
-        """Steps skipped because a grad held inf or NaN."""
-        return self._engine.skipped_steps
 
     def step(self, grads: Iterable[np.ndarray | None]) -> None:
         """Applies one update to every param whose grad is not None.
@@ -247,22 +230,6 @@ class _FusedOptimizer(Optimizer):
         if len(grads) != n:
             raise ValueError(f"step() got {len(grads)} grads for {n} params")
         self._engine.step(self.param_groups, self.state, grads, range(n))
-
-    # --- EMA ----------------------------------------------------------------------
-    def _skeys(self) -> list[int]:
-        return list(range(sum(len(g["params"]) for g in self.param_groups)))
-
-    def ema_params(self) -> list[np.ndarray | None]:
-        """The moving averages (float32), one per param in flat order (None before a param's first update)."""
-        return self._engine.ema_params(self.param_groups, self.state, self._skeys())
-
-    def finalize(self) -> None:
-        """Copies the moving averages into the params (Keras's finalize_variable_values)."""
-        self._engine.finalize(self.param_groups, self.state, self._skeys())
-
-    def swap_ema(self) -> None:
-        """Exchanges params and their moving averages, e.g. around an evaluation."""
-        self._engine.swap_ema(self.param_groups, self.state, self._skeys())
 
 
 class _AdamBase(_FusedOptimizer):

@@ -11,7 +11,8 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from cpuadam import _core  # noqa: F401  (tests watch its calls)
-from cpuadam._engine import Adapter, Engine, Options, check_step_value, param_name
+from cpuadam._engine import (Adapter, Engine, EngineUser, Options, check_step_value,
+                             param_name)
 from cpuadam.optim import ADAM_RECURRENCE, DynamicLossScale
 
 __all__ = ["Adam", "AdamW", "SGD", "DynamicLossScale", "StepInBackward", "step_in_backward"]
@@ -200,7 +201,7 @@ class _TorchAdapter(Adapter):
         torch.autograd.graph.increment_version(params)
 
 
-class _CoreOptimizer(Optimizer):
+class _CoreOptimizer(EngineUser, Optimizer):
     """The torch.optim protocol over the engine: groups, hooks, state_dict, closures, AMP.
 
     Params the fused kernel does not cover (float64 and complex params, non-contiguous
@@ -232,23 +233,6 @@ class _CoreOptimizer(Optimizer):
         for group in self.param_groups:
             for key, value in self._GROUP_DEFAULTS.items():
                 group.setdefault(key, value)
-
-    def __getattr__(self, name: str) -> Any:
-        # The options (clipnorm, use_ema, loss_scale_factor, ...) read as attributes.
-        engine = self.__dict__.get("_engine")
-        if engine is not None and name in vars(engine.options):
-            return getattr(engine.options, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    @property
-    def iterations(self) -> int:
-        """Updates applied so far; an lr schedule given as ``lr`` sees iterations + 1."""
-        return self._engine.iterations
-
-    @property
-    def skipped_steps(self) -> int:
-        """Steps skipped because a grad held inf or NaN (skip_nonfinite)."""
-        return self._engine.skipped_steps
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's add_param_group, then cpuadam's checks; a rejected group is not added."""
@@ -439,22 +423,6 @@ class _CoreOptimizer(Optimizer):
         raise NotImplementedError
 
     _hooked_step = Optimizer.profile_hook_step(_step)
-
-    # --- the engine's options ---------------------------------------------------------------
-    def ema_params(self) -> list:
-        """The moving averages (float32), one per param in flat order (None before its first update)."""
-        return self._engine.ema_params(self.param_groups, self.state, self._skeys())
-
-    def finalize(self) -> None:
-        """Copies the moving averages into the params (Keras's finalize_variable_values)."""
-        self._engine.finalize(self.param_groups, self.state, self._skeys())
-
-    def swap_ema(self) -> None:
-        """Exchanges params and their moving averages, e.g. around an evaluation."""
-        self._engine.swap_ema(self.param_groups, self.state, self._skeys())
-
-    def _skeys(self) -> list:
-        return [p for g in self.param_groups for p in g["params"]]
 
     def _preallocate(self, p: torch.Tensor, group: dict) -> None:
         """Makes p's state before its first step where that changes no result (step_in_backward)."""
