@@ -302,16 +302,17 @@ class Options:
 
 # --- the plan -----------------------------------------------------------------------------
 
+_STEP = operator.itemgetter("step")
+
 class _Member:
     """One param of a planned batch: where it lives, and the objects its views were made of."""
 
-    __slots__ = ("flat", "gi", "pi", "skey", "param", "state", "objs", "ptrs", "step_obj",
-                 "step_view")
+    __slots__ = ("flat", "gi", "pi", "skey", "param", "state", "objs", "step_obj", "step_view")
 
     def __init__(self, flat: int, gi: int, pi: int, skey: Any, param: Any, state: dict,
-                 objs: tuple, ptrs: tuple):
+                 objs: tuple):
         self.flat, self.gi, self.pi, self.skey, self.param = flat, gi, pi, skey, param
-        self.state, self.objs, self.ptrs = state, objs, ptrs
+        self.state, self.objs = state, objs
         # A front-end's step tensor and its view (the core writes the new count there).
         self.step_obj = state.get("step") if state else None
         self.step_view = None
@@ -320,12 +321,33 @@ class _Member:
 class _Batch:
     """Params of one group that share a step count, decay, dtypes and state layout."""
 
-    __slots__ = ("gi", "key", "decays", "dtypes", "keys", "members", "lists")
+    __slots__ = ("gi", "key", "decays", "dtypes", "keys", "members", "lists", "watch")
 
     def __init__(self, gi: int, key: Any, decays: bool, dtypes: tuple, keys: tuple):
         self.gi, self.key, self.decays, self.dtypes, self.keys = gi, key, decays, dtypes, keys
         self.members: list[_Member] = []
         self.lists: dict[str, list] = {}
+        self.watch: _Watch | None = None
+
+
+class _Watch:
+    """A batch's members as flat lists, so that checking them each step runs in C loops."""
+
+    __slots__ = ("pis", "params", "states", "objs", "ptr_objs", "ptrs", "step_objs",
+                 "step_views")
+
+    def __init__(self, batch: _Batch, ptr: Callable | None):
+        members = batch.members
+        self.pis = [m.pi for m in members]
+        self.params = [m.param for m in members]
+        self.states = [m.state for m in members]
+        self.objs = [(operator.itemgetter(sk), [m.objs[k] for m in members])
+                     for k, sk in enumerate(batch.keys)]
+        self.ptr_objs = [o for m in members for o in (m.param, *m.objs)] if ptr else []
+        self.ptrs = list(map(ptr, self.ptr_objs)) if ptr else []
+        self.step_objs = [m.step_obj for m in members]
+        self.step_views = [m.step_view for m in members] if members and \
+            members[0].step_view is not None else None
 
 
 class _Plan:
@@ -352,9 +374,9 @@ class Adapter:
     def grad_view(self, grad: Any, param: Any, name: str) -> np.ndarray:
         raise NotImplementedError
 
-    def ptr(self, obj: Any) -> int:
-        """Where obj's data lives now (a tensor's .data can be swapped); 0 if it cannot move."""
-        return 0
+    #: Where an object's data lives now (a tensor's .data can be swapped), or None when
+    #: the front-end's buffers cannot move under the same object.
+    ptr: Callable[[Any], int] | None = None
 
     def dtype_name(self, obj: Any) -> str:
         raise NotImplementedError
@@ -652,8 +674,7 @@ class Engine:
                     batch = by_key[(bkey, decays, dtypes)] = _Batch(gi, bkey, decays, dtypes,
                                                                    tuple(wanted))
                 objs = tuple(st[sk] for sk in wanted)
-                ptrs = (adapter.ptr(p),) + tuple(adapter.ptr(o) for o in objs)
-                batch.members.append(_Member(k, gi, pi, skey, p, st, objs, ptrs))
+                batch.members.append(_Member(k, gi, pi, skey, p, st, objs))
             plan.batches.extend(by_key.values())
         for batch in plan.batches:
             self._build_lists(batch)
@@ -681,38 +702,40 @@ class Engine:
                 m.step_view = adapter.step_view(m.state, name)
                 lists["step_buffers"].append(m.step_view)
         batch.lists = lists
+        batch.watch = _Watch(batch, adapter.ptr)
 
     def _alive(self, plan: _Plan, groups: list[dict], state: Any) -> bool:
         """Whether every planned member still is what its views were made of: the same param
         in the same place, the same state dict and buffers at the same addresses, and (Adam)
         the live step count the batch expects. Edits, loads and clears fail this check."""
-        adapter = self.adapter
         counts = self.rule.counts_steps
+        ptr = self.adapter.ptr
+        is_ = operator.is_
         snapshot = plan.state_dicts
-        if len(state) != len(snapshot) or not all(map(operator.is_, state.values(), snapshot)):
+        if len(state) != len(snapshot) or not all(map(is_, state.values(), snapshot)):
             return False
-        for batch in plan.batches:
-            expected = batch.key - 1 if counts else None
-            params = groups[batch.gi]["params"]
-            for m in batch.members:
-                st = m.state
-                if params[m.pi] is not m.param:
+        try:
+            for batch in plan.batches:
+                w = batch.watch
+                params = groups[batch.gi]["params"]
+                if not all(map(is_, map(params.__getitem__, w.pis), w.params)):
                     return False
-                for sk, obj in zip(batch.keys, m.objs):
-                    if st.get(sk) is not obj:
+                for getter, objs in w.objs:
+                    if not all(map(is_, map(getter, w.states), objs)):
                         return False
-                if m.ptrs[0] and adapter.ptr(m.param) != m.ptrs[0]:
+                if ptr is not None and list(map(ptr, w.ptr_objs)) != w.ptrs:
                     return False
-                for obj, ptr in zip(m.objs, m.ptrs[1:]):
-                    if ptr and adapter.ptr(obj) != ptr:
-                        return False
                 if counts:
-                    view = m.step_view
-                    if view is None:
-                        if adapter.get_step(st) != expected:
+                    expected = float(batch.key - 1)
+                    steps = map(_STEP, w.states)
+                    if w.step_views is None:
+                        if any(map(expected.__ne__, map(float, steps))):
                             return False
-                    elif st.get("step") is not m.step_obj or view.item() != expected:
+                    elif not all(map(is_, steps, w.step_objs)) or \
+                            any(map(expected.__ne__, map(float, w.step_views))):
                         return False
+        except (KeyError, IndexError, TypeError, ValueError):
+            return False  # a key removed, a group shortened, a step that is not a number
         return True
 
     def _gather(self, plan: _Plan, groups: list[dict], state: Any, grads: Any,

@@ -154,8 +154,7 @@ class _TorchAdapter(Adapter):
         except RuntimeError as e:  # e.g. a tensor subclass
             raise TypeError(f"grad of {name}: {e}") from None
 
-    def ptr(self, t: Any) -> int:
-        return t.data_ptr() if isinstance(t, torch.Tensor) else 0
+    ptr = staticmethod(torch.Tensor.data_ptr)
 
     def dtype_name(self, t: Any) -> str:
         dtype = getattr(t, "dtype", None)
