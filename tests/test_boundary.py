@@ -475,8 +475,6 @@ GRAD_CASES = [
               r"^grad of params\[1\] in group 1: expected a float32 array, got float64$", id="grad-float64"),
     grad_case(lambda g, o: g[3].astype(np.int32), TypeError,
               r"^grad of params\[1\] in group 1: expected a float32 array, got int32$", id="grad-int32"),
-    grad_case(lambda g, o: g[3].astype(np.float16), TypeError,
-              r"^grad of params\[1\] in group 1: expected a float32 array, got float16$", id="grad-float16"),
     grad_case(lambda g, o: g[3].tolist(), TypeError,
               r"^grad of params\[1\] in group 1: expected a numpy.ndarray, got list$", id="grad-list"),
     grad_case(lambda g, o: g[3].reshape(4, 3), ValueError,

@@ -208,3 +208,16 @@ def test_numpy_low_precision_params_take_the_float32_update_rounded(dtype):
 def test_bogus_precision_options_are_refused_naming_the_option(make):
     with pytest.raises(ValueError, match=r"Invalid (param_update|state_dtype|seed)"):
         make()
+
+
+@pytest.mark.parametrize("gdtype", [np.float16, BF16], ids=["float16", "bfloat16"])
+def test_a_narrower_grad_for_a_float32_param_is_the_grad_widened(gdtype):
+    rng = np.random.default_rng(11)
+    p = rng.standard_normal(300).astype(np.float32)
+    q = p.copy()
+    g = rng.standard_normal(300).astype(gdtype)
+    a, b = cpuadam.AdamW([p], lr=0.01), cpuadam.AdamW([q], lr=0.01)
+    for _ in range(3):
+        a.step([g])
+        b.step([g.astype(np.float32)])
+    assert p.tobytes() == q.tobytes()

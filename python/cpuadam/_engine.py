@@ -12,6 +12,7 @@ call. The core (`_core`) then validates every buffer again before it writes a by
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 import re
@@ -333,11 +334,12 @@ class _Batch:
 class _Watch:
     """A batch's members as flat lists, so that checking them each step runs in C loops."""
 
-    __slots__ = ("pis", "params", "states", "objs", "ptr_objs", "ptrs", "step_objs",
+    __slots__ = ("flats", "pis", "params", "states", "objs", "ptr_objs", "ptrs", "step_objs",
                  "step_views")
 
     def __init__(self, batch: _Batch, ptr: Callable | None):
         members = batch.members
+        self.flats = [m.flat for m in members]
         self.pis = [m.pi for m in members]
         self.params = [m.param for m in members]
         self.states = [m.state for m in members]
@@ -367,11 +369,16 @@ class Adapter:
 
     #: The front-end's counts are core-written one-element float buffers (torch's 'step' tensors).
     step_buffers = False
+    #: Grads go to the core as given (the core checks them); else grad_view makes each one.
+    grads_as_given = False
+    #: Whether mark_updated wants the params a step wrote.
+    marks_updates = False
 
     def view(self, obj: Any, name: str) -> np.ndarray:
         raise NotImplementedError
 
-    def grad_view(self, grad: Any, param: Any, name: str) -> np.ndarray:
+    def grad_view(self, grad: Any, param: Any, gi: int, pi: int) -> np.ndarray:
+        """The core's view of a grad; errors name it as param_name(gi, pi) says."""
         raise NotImplementedError
 
     #: Where an object's data lives now (a tensor's .data can be swapped), or None when
@@ -581,7 +588,8 @@ class Engine:
         return result
 
     def _plan_key(self, groups: list[dict], grads: Any, targets: list[int] | None) -> tuple:
-        present = tuple(targets) if targets is not None else tuple(g is None for g in grads)
+        present = tuple(targets) if targets is not None else \
+            tuple(map(operator.is_, grads, itertools.repeat(None)))
         return (present,
                 tuple((id(g["params"]), len(g["params"]), self.rule.state_keys(g),
                        tuple(g.get("decay_mask", ()))) for g in groups))
@@ -757,8 +765,11 @@ class Engine:
         for batch in plan.batches:
             group = groups[batch.gi]
             d = dict(batch.lists)
-            d["grads"] = [adapter.grad_view(grads[m.flat], m.param, param_name(m.gi, m.pi))
-                          for m in batch.members]
+            if adapter.grads_as_given:
+                d["grads"] = list(map(grads.__getitem__, batch.watch.flats))
+            else:
+                view = adapter.grad_view
+                d["grads"] = [view(grads[m.flat], m.param, m.gi, m.pi) for m in batch.members]
             d.update(rule.scalars(group, lrs[batch.gi], batch.key))
             d["group"] = batch.gi
             d["grad_scale"] = grad_scale
@@ -792,8 +803,9 @@ class Engine:
             write = not adapter.step_buffers
             for batch in plan.batches:
                 if write:
-                    for m in batch.members:
-                        adapter.set_step(m.state, batch.key)
+                    key = batch.key
+                    for st in batch.watch.states:
+                        st["step"] = key
                 batch.key += 1
         else:
             for batch in plan.batches:
@@ -807,7 +819,8 @@ class Engine:
         if opts.gradient_accumulation_steps > 1:
             for skey in plan.accumulators_left:  # no grad this call: the window restarts anyway
                 adapter.view(state[skey]["grad_accum"], "grad_accum").fill(0)
-        adapter.mark_updated([m.param for b in plan.batches for m in b.members])
+        if adapter.marks_updates:
+            adapter.mark_updated([p for b in plan.batches for p in b.watch.params])
         plan.state_dicts = list(state.values())
         if not count:
             return
@@ -859,7 +872,7 @@ class Engine:
                                                           "group": gi, "indices": []})
                 if gdtype != "float32":
                     batch["grad_dtype"] = gdtype
-                batch["grads"].append(adapter.grad_view(g, p, name))
+                batch["grads"].append(g if adapter.grads_as_given else adapter.grad_view(g, p, gi, pi))
                 batch["grad_accums"].append(adapter.view(acc, f"grad_accum of {name}"))
                 batch["indices"].append(pi)
         _core.accumulate(list(batches.values()))

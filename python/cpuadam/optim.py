@@ -25,14 +25,14 @@ __all__ = ["SGD", "Adam", "AdamW", "DynamicLossScale", "Optimizer"]
 class _NumpyAdapter(Adapter):
     """NumPy arrays are their own buffers; state is keyed by flat param index."""
 
+    grads_as_given = True
+
     def __init__(self, counts_steps: bool):
         self.counts_steps = counts_steps
 
     def view(self, obj: Any, name: str) -> np.ndarray:
         return obj
 
-    def grad_view(self, grad: Any, param: Any, name: str) -> Any:
-        return grad
 
     def dtype_name(self, obj: Any) -> str:
         dtype = getattr(obj, "dtype", None)

@@ -101,6 +101,7 @@ class _TorchAdapter(Adapter):
     """Tensors become NumPy views (bfloat16 as int16 bits); state is keyed by param."""
 
     step_buffers = True
+    marks_updates = True
 
     def __init__(self, counts_steps: bool):
         self.counts_steps = counts_steps
@@ -121,15 +122,26 @@ class _TorchAdapter(Adapter):
         return t.detach().numpy()
 
     @staticmethod
-    def _check_storage(t: torch.Tensor, name: str) -> None:
+    def _check_storage(t: torch.Tensor, name: Any) -> None:
         # A storage freed or shrunk under the tensor (FSDP's resize_(0)) would hand the
-        # core memory the tensor does not own.
+        # core memory the tensor does not own. name: a string, or (gi, pi) of a grad.
         needed = (t.storage_offset() + t.numel()) * t.element_size()
         if t.numel() and t.untyped_storage().nbytes() < needed:
+            if isinstance(name, tuple):
+                name = "grad of " + param_name(*name)
             raise ValueError(f"{name}: its storage holds {t.untyped_storage().nbytes()} bytes but "
                              f"the tensor needs {needed} (freed or resized storage)")
 
-    def grad_view(self, grad: torch.Tensor, param: torch.Tensor, name: str) -> np.ndarray:
+    def grad_view(self, grad: torch.Tensor, param: torch.Tensor, gi: int, pi: int) -> np.ndarray:
+        if grad.is_cpu and grad.layout is torch.strided and grad.shape == param.shape and \
+                grad.dtype in _DTYPE_NAMES and not grad.requires_grad and grad.is_contiguous():
+            if grad.dtype is torch.bfloat16:
+                grad = grad.view(torch.int16)
+            self._check_storage(grad, (gi, pi))
+            return grad.numpy()
+        return self._checked_grad_view(grad, param, param_name(gi, pi))
+
+    def _checked_grad_view(self, grad: torch.Tensor, param: torch.Tensor, name: str) -> np.ndarray:
         if not (grad.is_cpu and grad.layout is torch.strided and grad.shape == param.shape):
             if grad.layout is not torch.strided:
                 raise TypeError(f"grad of {name} is a sparse tensor ({grad.layout}); expected a "
@@ -148,7 +160,7 @@ class _TorchAdapter(Adapter):
                             "torch.bfloat16 or torch.float16")
         if grad.requires_grad:
             grad = grad.detach()
-        self._check_storage(grad, f"grad of {name}")
+        self._check_storage(grad, "grad of " + name)
         try:
             return grad.numpy()
         except RuntimeError as e:  # e.g. a tensor subclass
