@@ -50,9 +50,12 @@ struct Namer {
   int group = 0;
   std::vector<int64_t> indices;  // each tensor's position in its group
   const char* list_name = nullptr;  // set for a plain list: "grads[3]"
+  bool list_in_group = false;       // "step_buffers[3] in group 1"
   std::string param(size_t i) const {
     int64_t idx = i < indices.size() ? indices[i] : static_cast<int64_t>(i);
-    if (list_name != nullptr) return std::string(list_name) + "[" + std::to_string(idx) + "]";
+    if (list_name != nullptr)
+      return std::string(list_name) + "[" + std::to_string(idx) + "]" +
+             (list_in_group ? " in group " + std::to_string(group) : "");
     return "params[" + std::to_string(idx) + "] in group " + std::to_string(group);
   }
   std::string of(const char* what, size_t i) const {
@@ -104,6 +107,28 @@ Extent extent_of(const py::array& a, const Namer* namer, const char* what, size_
   return {lo, lo + static_cast<uintptr_t>(a.nbytes()), namer, what, tensor};
 }
 
+// NumPy's resize(refcheck=False) reallocates an array that owns its data
+// whatever views or buffer exports it has, but refuses one with a weak
+// reference. A weak reference to the owner of each buffer, held until the call
+// returns, keeps the memory the kernel runs over in place without the GIL.
+// PyWeakref_NewRef reuses an existing plain reference: one allocation at most.
+void pin(const py::array& a, std::vector<py::object>& pins) {
+  PyObject* obj = a.ptr();
+  const auto& api = py::detail::npy_api::get();
+  // A view's base chain ends at the array that owns the data (or at a
+  // non-array exporter, which its buffer export already locks).
+  while (obj != nullptr && api.PyArray_Check_(obj)) {
+    const auto* proxy = py::detail::array_proxy(obj);
+    if (proxy->flags & py::detail::npy_api::NPY_ARRAY_OWNDATA_) {
+      PyObject* ref = PyWeakref_NewRef(obj, nullptr);
+      if (ref == nullptr) throw py::error_already_set();
+      pins.push_back(py::reinterpret_steal<py::object>(ref));
+      return;
+    }
+    obj = proxy->base;
+  }
+}
+
 // No two written buffers may share a byte, and no grad may share a byte with
 // a written buffer: the result would depend on the order elements are visited.
 void check_no_overlap(std::vector<Extent> written, const std::vector<Extent>& read) {
@@ -147,6 +172,7 @@ py::sequence as_list(py::handle obj, const std::string& name) {
 struct Buffers {
   std::shared_ptr<const Namer> namer;  // on the heap: extents point at it while Buffers move
   std::vector<py::array> keep;
+  std::vector<py::object> pins;  // see pin()
   std::vector<TensorSpan> spans;
   std::vector<int64_t> offsets;
   std::vector<Extent> written, read;
@@ -160,7 +186,10 @@ struct StateList {
   void* TensorSpan::*field;
 };
 
-Buffers validate(const py::dict& d, const std::vector<StateList>& lists, Namer namer_value) {
+// `also_written`: extents of other buffers the call writes (step_buffers),
+// checked against these in the same pass.
+Buffers validate(const py::dict& d, const std::vector<StateList>& lists, Namer namer_value,
+                 const std::vector<Extent>& also_written = {}) {
   Buffers b;
   b.namer = std::make_shared<const Namer>(std::move(namer_value));
   const Namer& namer = *b.namer;
@@ -193,6 +222,8 @@ Buffers validate(const py::dict& d, const std::vector<StateList>& lists, Namer n
   for (size_t i = 0; i < n; ++i) {
     py::array p = check_buffer(params[i], namer, nullptr, i, true, nullptr);
     py::array g = check_buffer(grads[i], namer, "grad", i, false, &p);
+    pin(p, b.pins);
+    pin(g, b.pins);
     TensorSpan& s = b.spans[i];
     s.param = p.mutable_data();
     s.grad = g.data();
@@ -203,6 +234,7 @@ Buffers validate(const py::dict& d, const std::vector<StateList>& lists, Namer n
     }
     for (size_t k = 0; k < lists.size(); ++k) {
       py::array a = check_buffer(states[k][i], namer, lists[k].what, i, true, &p);
+      pin(a, b.pins);
       s.*(lists[k].field) = a.mutable_data();
       if (s.numel > 0) b.written.push_back(extent_of(a, &namer, lists[k].what, i));
       b.keep.push_back(std::move(a));
@@ -211,6 +243,7 @@ Buffers validate(const py::dict& d, const std::vector<StateList>& lists, Namer n
     b.keep.push_back(std::move(p));
     b.keep.push_back(std::move(g));
   }
+  b.written.insert(b.written.end(), also_written.begin(), also_written.end());
   check_no_overlap(b.written, b.read);
   return b;
 }
@@ -270,6 +303,57 @@ bool has(const py::dict& d, const char* key) { return d.contains(key) && !d[key]
 
 enum class Optim { Adam, Sgd };
 
+// torch's per-param 'step' tensors: one-element float32/float64 arrays, one
+// per param of the batch, that receive the batch's step count once the update
+// is applied. Written by the call, so checked like every other written buffer.
+struct StepBuffers {
+  std::shared_ptr<const Namer> namer;  // on the heap: extents point at it
+  std::vector<py::array> arrays;
+  std::vector<py::object> pins;  // see pin()
+  std::vector<void*> ptrs;       // their data, taken while the GIL is held
+  std::vector<Extent> extents;
+};
+
+StepBuffers check_step_buffers(const py::dict& d, int group) {
+  StepBuffers out;
+  if (!d.contains("step_buffers") || d["step_buffers"].is_none()) return out;
+  Namer namer_value;
+  namer_value.group = group;
+  namer_value.list_name = "step_buffers";
+  namer_value.list_in_group = true;
+  out.namer = std::make_shared<const Namer>(std::move(namer_value));
+  const Namer& namer = *out.namer;
+  py::sequence seq = as_list(d["step_buffers"], "step_buffers");
+  // A malformed or missing 'params' is validate()'s to report.
+  if (d.contains("params") && (py::isinstance<py::list>(d["params"]) || py::isinstance<py::tuple>(d["params"]))) {
+    const size_t n = py::len(d["params"]);
+    if (seq.size() != n)
+      throw py::value_error("step_buffers in group " + std::to_string(group) + " has " +
+                            std::to_string(seq.size()) + " entries but params has " + std::to_string(n));
+  }
+  out.arrays.reserve(seq.size());
+  for (size_t i = 0; i < seq.size(); ++i) {
+    py::handle h = seq[i];
+    if (!py::isinstance<py::array>(h)) throw py::type_error(namer.param(i) + ": expected a numpy.ndarray");
+    py::array a = py::reinterpret_borrow<py::array>(h);
+    const auto* descr = py::detail::array_descriptor_proxy(py::detail::array_proxy(a.ptr())->descr);
+    if (descr->type_num != py::detail::npy_api::NPY_FLOAT_ && descr->type_num != py::detail::npy_api::NPY_DOUBLE_)
+      throw py::type_error(namer.param(i) + ": expected a float32 or float64 array");
+    if (descr->byteorder == '>')
+      throw py::type_error(namer.param(i) + ": expected a float32 or float64 array in native byte order, got " +
+                           std::string(py::str(a.dtype())));
+    if (a.size() != 1 || !a.writeable() || !(a.flags() & py::array::c_style))
+      throw py::value_error(namer.param(i) + ": expected a writeable array of one element");
+    if (reinterpret_cast<uintptr_t>(a.data()) % a.itemsize() != 0)
+      throw py::value_error(namer.param(i) + ": data is not aligned to its element size");
+    out.extents.push_back(extent_of(a, &namer, nullptr, i));
+    pin(a, out.pins);
+    out.ptrs.push_back(a.mutable_data());
+    out.arrays.push_back(std::move(a));
+  }
+  return out;
+}
+
 // One batch: tensors of one param group that share a step count, and the
 // group's hyperparameters. Validated completely before anything runs.
 struct Batch {
@@ -277,33 +361,9 @@ struct Batch {
   StepArgs args;
   double base_scale = 1.0;  // maximize's sign times grad_scale
   double clipnorm = 0.0;    // 0: no per-tensor clipping
-  // One-element float32/float64 arrays (torch's per-param 'step' tensors) that
-  // receive the batch's step count once the update is applied.
-  std::vector<py::array> step_buffers;
-  std::vector<void*> step_ptrs;  // their data, taken while the GIL is held
+  StepBuffers step_buffers;
   int64_t step = 0;
 };
-
-std::vector<py::array> check_step_buffers(const py::dict& d, const std::string& in_group) {
-  std::vector<py::array> out;
-  if (!d.contains("step_buffers") || d["step_buffers"].is_none()) return out;
-  py::sequence seq = as_list(d["step_buffers"], "step_buffers");
-  out.reserve(seq.size());
-  for (size_t i = 0; i < seq.size(); ++i) {
-    py::handle h = seq[i];
-    const std::string name = "step_buffers[" + std::to_string(i) + "]" + in_group;
-    if (!py::isinstance<py::array>(h)) throw py::type_error(name + ": expected a numpy.ndarray");
-    py::array a = py::reinterpret_borrow<py::array>(h);
-    const int type_num =
-        py::detail::array_descriptor_proxy(py::detail::array_proxy(a.ptr())->descr)->type_num;
-    if (type_num != py::detail::npy_api::NPY_FLOAT_ && type_num != py::detail::npy_api::NPY_DOUBLE_)
-      throw py::type_error(name + ": expected a float32 or float64 array");
-    if (a.size() != 1 || !a.writeable() || !(a.flags() & py::array::c_style))
-      throw py::value_error(name + ": expected a writeable array of one element");
-    out.push_back(std::move(a));
-  }
-  return out;
-}
 
 Batch make_batch(const py::dict& d, Optim optim) {
   const int group = get_or<int>(d, "group", 0);
@@ -385,12 +445,14 @@ Batch make_batch(const py::dict& d, Optim optim) {
     sc.one_minus_ema_momentum = static_cast<float>(1.0 - m);
     lists.push_back({"emas", "ema", &TensorSpan::ema});
   }
-  b.buffers = validate(d, lists, Namer{group, get_or<std::vector<int64_t>>(d, "indices", {})});
+  // The step buffers are checked first so that their overlap with the other
+  // written buffers is found in validate's one pass.
   if (optim == Optim::Adam) {
     b.step = get_or<int64_t>(d, "step", 0);
-    b.step_buffers = check_step_buffers(d, in_group);
-    for (py::array& a : b.step_buffers) b.step_ptrs.push_back(a.mutable_data());
+    b.step_buffers = check_step_buffers(d, group);
   }
+  b.buffers = validate(d, lists, Namer{group, get_or<std::vector<int64_t>>(d, "indices", {})},
+                       b.step_buffers.extents);
   return b;
 }
 
@@ -507,11 +569,11 @@ py::dict run_step(py::handle batches_obj, Optim optim, py::object global_clipnor
         ran = (optim == Optim::Adam ? table.adam_step(b.args) : table.sgd_step(b.args)) && ran;
       }
       for (const Batch& b : batches)
-        for (size_t i = 0; i < b.step_ptrs.size(); ++i) {
-          if (b.step_buffers[i].itemsize() == 4)
-            *static_cast<float*>(b.step_ptrs[i]) = static_cast<float>(b.step);
+        for (size_t i = 0; i < b.step_buffers.ptrs.size(); ++i) {
+          if (b.step_buffers.arrays[i].itemsize() == 4)
+            *static_cast<float*>(b.step_buffers.ptrs[i]) = static_cast<float>(b.step);
           else
-            *static_cast<double*>(b.step_ptrs[i]) = static_cast<double>(b.step);
+            *static_cast<double*>(b.step_buffers.ptrs[i]) = static_cast<double>(b.step);
         }
     }
   }
@@ -562,11 +624,13 @@ void accumulate(py::handle batches_obj) {
 std::vector<double> sum_squares_py(py::handle grads) {
   py::sequence seq = as_list(grads, "grads");
   std::vector<py::array> keep;
+  std::vector<py::object> pins;  // see pin()
   std::vector<TensorSpan> spans(seq.size());
   Namer namer;
   namer.list_name = "grads";
   for (size_t i = 0; i < seq.size(); ++i) {
     keep.push_back(check_buffer(seq[i], namer, nullptr, i, false, nullptr));
+    pin(keep.back(), pins);
     spans[i].grad = keep.back().data();
     spans[i].numel = keep.back().size();
   }
