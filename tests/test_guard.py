@@ -212,3 +212,103 @@ def test_aligned_native_step_buffers_of_both_dtypes_are_written():
     batches[1]["step"] = 9
     _core.adam_step(batches)
     assert [float(a[0]) for b in batches for a in b["step_buffers"]] == [3.0, 3.0, 9.0, 9.0]
+
+
+# --------------------------------------------------------------------------
+# Borders: every kernel on slices of larger arrays whose borders hold a
+# sentinel bit pattern, at each supported level, sizes around every vector
+# width and each start offset in a 64-byte line (aligned_runs splits there),
+# with 1, 2 and 3 threads. Runs in a child per level, with CPUADAM_ISA set.
+
+GUARD_CHILD = textwrap.dedent("""
+    import itertools, sys
+    import numpy as np
+    import cpuadam
+    from cpuadam import _core
+
+    SENTINEL = np.uint32(0x7FC0DEAD)  # a quiet NaN whose payload no arithmetic produces
+    PAD = 19
+    rng = np.random.default_rng(11)
+    checked = 0
+
+    def guarded(values, offset, fill=None):
+        big = np.full(offset + values.size + PAD, SENTINEL, np.uint32).view(np.float32)
+        big[offset:offset + values.size] = values if fill is None else fill
+        return big, big[offset:offset + values.size]
+
+    def borders_intact(bigs, offset, n):
+        global checked
+        for name, big in bigs.items():
+            bits = big.view(np.uint32)
+            assert (bits[:offset] == SENTINEL).all(), f"{name}: border before the slice written"
+            assert (bits[offset + n:] == SENTINEL).all(), f"{name}: border after the slice written"
+            checked += 1
+
+    def adam_case(n, offset, decay, amsgrad, grad_input, ema, threads):
+        cpuadam.set_num_threads(threads)
+        r = np.random.default_rng(n * 1000 + offset)
+        vals = {k: r.standard_normal(n).astype(np.float32) for k in ("params", "grads", "exp_avgs", "emas")}
+        vals["exp_avg_sqs"] = r.uniform(0, 1, n).astype(np.float32)
+        vals["max_exp_avg_sqs"] = r.uniform(1, 2, n).astype(np.float32)
+        vals["grad_accums"] = r.standard_normal(n).astype(np.float32)
+        bigs, views = {}, {}
+        for k, v in vals.items():
+            bigs[k], views[k] = guarded(v, offset)
+        batch = dict(params=[views["params"]], grads=[views["grads"]], exp_avgs=[views["exp_avgs"]],
+                     exp_avg_sqs=[views["exp_avg_sqs"]], step=3, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                     weight_decay=0.0 if decay == "none" else 0.02, decoupled=decay == "decoupled",
+                     amsgrad=amsgrad, grad_scale=0.5 if grad_input == "scaled" else 1.0)
+        if amsgrad:
+            batch["max_exp_avg_sqs"] = [views["max_exp_avg_sqs"]]
+        if grad_input == "accumulated":
+            batch["grad_accums"] = [views["grad_accums"]]
+        if grad_input == "clipped":
+            batch["clipvalue"] = 0.5
+        if ema:
+            batch["emas"] = [views["emas"]]
+            batch["ema_momentum"] = 0.99
+        _core.adam_step([batch])
+        used = {k: bigs[k] for k in bigs if k in batch}
+        borders_intact(used, offset, n)
+        for k, big in used.items():
+            assert np.isfinite(big[offset:offset + n]).all(), k
+        return b"".join(used[k][offset:offset + n].tobytes() for k in sorted(used))
+
+    sizes = [1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 127, 129, 1000]
+    for n, offset in itertools.product(sizes, (0, 1, 4, 15)):
+        for combo in itertools.product(("none", "l2", "decoupled"), (False, True),
+                                       ("raw", "scaled", "clipped", "accumulated"), (False, True)):
+            results = {adam_case(n, offset, *combo, threads) for threads in (1, 2, 3)}
+            assert len(results) == 1, f"thread counts disagree: n={n} offset={offset} {combo}"
+        for threads in (1, 2, 3):
+            cpuadam.set_num_threads(threads)
+            g = rng.standard_normal(n).astype(np.float32)
+            bigs = {}
+            # SGD's first momentum step writes the whole buffer: NaN before, finite after.
+            bigs["params"], p = guarded(rng.standard_normal(n).astype(np.float32), offset)
+            bigs["grads"], gv = guarded(g, offset)
+            bigs["momentum_buffers"], mb = guarded(g, offset, fill=np.nan)
+            _core.sgd_step([dict(params=[p], grads=[gv], momentum_buffers=[mb], lr=1e-2, weight_decay=0.01,
+                                 momentum=0.9, momentum_first=True, nesterov=True)])
+            assert np.isfinite(mb).all() and np.isfinite(p).all()
+            acc_big, acc = guarded(g, offset)
+            bigs["grad_accums"] = acc_big
+            _core.accumulate([dict(grads=[gv], grad_accums=[acc])])
+            assert (acc == g + g).all()
+            borders_intact(bigs, offset, n)
+            total = _core.sum_squares([gv])[0]
+            assert abs(total - float(np.sum(g.astype(np.float64) ** 2))) <= 1e-12 * max(total, 1.0)
+    print("checked", checked, cpuadam.build_info()["isa_selected"])
+""")
+
+
+@pytest.mark.parametrize("level", ["baseline", "avx2", "avx512", "neon"])
+def test_kernels_never_write_outside_their_slices_at_any_level(level):
+    from conftest import supported_levels
+
+    if level not in supported_levels():
+        pytest.skip(f"ISA level {level} is not available here (supported: {', '.join(supported_levels())})")
+    proc = subprocess.run([sys.executable, "-c", GUARD_CHILD], env=child_env(level), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"exit status {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    assert proc.stdout.split()[-1] == level
