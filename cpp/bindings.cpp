@@ -50,9 +50,12 @@ struct Namer {
   int group = 0;
   std::vector<int64_t> indices;  // each tensor's position in its group
   const char* list_name = nullptr;  // set for a plain list: "grads[3]"
+  bool list_in_group = false;       // "step_buffers[3] in group 1"
   std::string param(size_t i) const {
     int64_t idx = i < indices.size() ? indices[i] : static_cast<int64_t>(i);
-    if (list_name != nullptr) return std::string(list_name) + "[" + std::to_string(idx) + "]";
+    if (list_name != nullptr)
+      return std::string(list_name) + "[" + std::to_string(idx) + "]" +
+             (list_in_group ? " in group " + std::to_string(group) : "");
     return "params[" + std::to_string(idx) + "] in group " + std::to_string(group);
   }
   std::string of(const char* what, size_t i) const {
@@ -133,6 +136,45 @@ Extent extent_of(const py::array& a, const Namer* namer, const char* what, size_
   return {lo, lo + static_cast<uintptr_t>(a.nbytes()), namer, what, tensor};
 }
 
+// NumPy's resize(refcheck=False) reallocates an array that owns its data
+// whatever views or buffer exports it has, but refuses one with a weak
+// reference. A weak reference to the owner of each buffer, held until the call
+// returns, keeps the memory the kernel runs over in place without the GIL.
+// PyWeakref_NewRef reuses an existing plain reference: one allocation at most.
+void pin(const py::array& a, std::vector<py::object>& pins) {
+  PyObject* obj = a.ptr();
+  const auto& api = py::detail::npy_api::get();
+  // A view's base chain ends at the array that owns the data (or at a
+  // non-array exporter, which its buffer export already locks).
+  while (obj != nullptr && api.PyArray_Check_(obj)) {
+    const auto* proxy = py::detail::array_proxy(obj);
+    if (proxy->flags & py::detail::npy_api::NPY_ARRAY_OWNDATA_) {
+      // Views of one array usually come in a row: one reference serves them all.
+      if (!pins.empty() && PyWeakref_GET_OBJECT(pins.back().ptr()) == obj) return;
+      PyObject* ref = PyWeakref_NewRef(obj, nullptr);
+      if (ref == nullptr) throw py::error_already_set();
+      // A weak reference without a callback is in no cycle: nothing to collect.
+      if (PyObject_GC_IsTracked(ref)) PyObject_GC_UnTrack(ref);
+      pins.push_back(py::reinterpret_steal<py::object>(ref));
+      return;
+    }
+    obj = proxy->base;
+  }
+}
+
+// Making a call's weak references allocates one collectable object per array,
+// and the collector, run every 700 allocations, walked the heap many times
+// over in a large step (0.4 us per array at 200,000 arrays). It is paused while
+// a call's buffers are checked (the GIL is held throughout) and runs after.
+struct GcPause {
+#if PY_VERSION_HEX >= 0x030A0000
+  int was_enabled = PyGC_Disable();
+  ~GcPause() {
+    if (was_enabled) PyGC_Enable();
+  }
+#endif
+};
+
 // No two written buffers may share a byte, and no grad may share a byte with
 // a written buffer: the result would depend on the order elements are visited.
 void check_no_overlap(std::vector<Extent> written, const std::vector<Extent>& read) {
@@ -176,6 +218,7 @@ py::sequence as_list(py::handle obj, const std::string& name) {
 struct Buffers {
   std::shared_ptr<const Namer> namer;  // on the heap: extents point at it while Buffers move
   std::vector<py::array> keep;
+  std::vector<py::object> pins;  // see pin()
   std::vector<TensorSpan> spans;
   std::vector<int64_t> offsets;
   std::vector<Extent> written, read;
@@ -190,8 +233,12 @@ struct StateList {
   DType dtype = DType::Float32;
 };
 
+// `also_written`: extents of other buffers the call writes (step_buffers),
+// checked against these in the same pass.
 Buffers validate(const py::dict& d, const std::vector<StateList>& lists, Namer namer_value,
-                 DType param_dtype = DType::Float32, DType grad_dtype = DType::Float32) {
+                 DType param_dtype = DType::Float32, DType grad_dtype = DType::Float32,
+                 const std::vector<Extent>& also_written = {}) {
+  GcPause gc_pause;
   Buffers b;
   b.namer = std::make_shared<const Namer>(std::move(namer_value));
   const Namer& namer = *b.namer;
@@ -224,6 +271,8 @@ Buffers validate(const py::dict& d, const std::vector<StateList>& lists, Namer n
   for (size_t i = 0; i < n; ++i) {
     py::array p = check_buffer(params[i], namer, nullptr, i, true, nullptr, param_dtype);
     py::array g = check_buffer(grads[i], namer, "grad", i, false, &p, grad_dtype);
+    pin(p, b.pins);
+    pin(g, b.pins);
     TensorSpan& s = b.spans[i];
     s.param = p.mutable_data();
     s.grad = g.data();
@@ -234,6 +283,7 @@ Buffers validate(const py::dict& d, const std::vector<StateList>& lists, Namer n
     }
     for (size_t k = 0; k < lists.size(); ++k) {
       py::array a = check_buffer(states[k][i], namer, lists[k].what, i, true, &p, lists[k].dtype);
+      pin(a, b.pins);
       s.*(lists[k].field) = a.mutable_data();
       if (s.numel > 0) b.written.push_back(extent_of(a, &namer, lists[k].what, i));
       b.keep.push_back(std::move(a));
@@ -242,6 +292,7 @@ Buffers validate(const py::dict& d, const std::vector<StateList>& lists, Namer n
     b.keep.push_back(std::move(p));
     b.keep.push_back(std::move(g));
   }
+  b.written.insert(b.written.end(), also_written.begin(), also_written.end());
   check_no_overlap(b.written, b.read);
   return b;
 }
@@ -348,6 +399,58 @@ std::string get_or_str(const py::dict& d, const char* key, const char* fallback)
 
 enum class Optim { Adam, Sgd };
 
+// torch's per-param 'step' tensors: one-element float32/float64 arrays, one
+// per param of the batch, that receive the batch's step count once the update
+// is applied. Written by the call, so checked like every other written buffer.
+struct StepBuffers {
+  std::shared_ptr<const Namer> namer;  // on the heap: extents point at it
+  std::vector<py::array> arrays;
+  std::vector<py::object> pins;  // see pin()
+  std::vector<void*> ptrs;       // their data, taken while the GIL is held
+  std::vector<Extent> extents;
+};
+
+StepBuffers check_step_buffers(const py::dict& d, int group) {
+  StepBuffers out;
+  if (!d.contains("step_buffers") || d["step_buffers"].is_none()) return out;
+  GcPause gc_pause;
+  Namer namer_value;
+  namer_value.group = group;
+  namer_value.list_name = "step_buffers";
+  namer_value.list_in_group = true;
+  out.namer = std::make_shared<const Namer>(std::move(namer_value));
+  const Namer& namer = *out.namer;
+  py::sequence seq = as_list(d["step_buffers"], "step_buffers");
+  // A malformed or missing 'params' is validate()'s to report.
+  if (d.contains("params") && (py::isinstance<py::list>(d["params"]) || py::isinstance<py::tuple>(d["params"]))) {
+    const size_t n = py::len(d["params"]);
+    if (seq.size() != n)
+      throw py::value_error("step_buffers in group " + std::to_string(group) + " has " +
+                            std::to_string(seq.size()) + " entries but params has " + std::to_string(n));
+  }
+  out.arrays.reserve(seq.size());
+  for (size_t i = 0; i < seq.size(); ++i) {
+    py::handle h = seq[i];
+    if (!py::isinstance<py::array>(h)) throw py::type_error(namer.param(i) + ": expected a numpy.ndarray");
+    py::array a = py::reinterpret_borrow<py::array>(h);
+    const auto* descr = py::detail::array_descriptor_proxy(py::detail::array_proxy(a.ptr())->descr);
+    if (descr->type_num != py::detail::npy_api::NPY_FLOAT_ && descr->type_num != py::detail::npy_api::NPY_DOUBLE_)
+      throw py::type_error(namer.param(i) + ": expected a float32 or float64 array");
+    if (descr->byteorder == '>')
+      throw py::type_error(namer.param(i) + ": expected a float32 or float64 array in native byte order, got " +
+                           std::string(py::str(a.dtype())));
+    if (a.size() != 1 || !a.writeable() || !(a.flags() & py::array::c_style))
+      throw py::value_error(namer.param(i) + ": expected a writeable array of one element");
+    if (reinterpret_cast<uintptr_t>(a.data()) % a.itemsize() != 0)
+      throw py::value_error(namer.param(i) + ": data is not aligned to its element size");
+    out.extents.push_back(extent_of(a, &namer, nullptr, i));
+    pin(a, out.pins);
+    out.ptrs.push_back(a.mutable_data());
+    out.arrays.push_back(std::move(a));
+  }
+  return out;
+}
+
 // One batch: tensors of one param group that share a step count, and the
 // group's hyperparameters. Validated completely before anything runs.
 struct Batch {
@@ -355,33 +458,9 @@ struct Batch {
   StepArgs args;
   double base_scale = 1.0;  // maximize's sign times grad_scale
   double clipnorm = 0.0;    // 0: no per-tensor clipping
-  // One-element float32/float64 arrays (torch's per-param 'step' tensors) that
-  // receive the batch's step count once the update is applied.
-  std::vector<py::array> step_buffers;
-  std::vector<void*> step_ptrs;  // their data, taken while the GIL is held
+  StepBuffers step_buffers;
   int64_t step = 0;
 };
-
-std::vector<py::array> check_step_buffers(const py::dict& d, const std::string& in_group) {
-  std::vector<py::array> out;
-  if (!d.contains("step_buffers") || d["step_buffers"].is_none()) return out;
-  py::sequence seq = as_list(d["step_buffers"], "step_buffers");
-  out.reserve(seq.size());
-  for (size_t i = 0; i < seq.size(); ++i) {
-    py::handle h = seq[i];
-    const std::string name = "step_buffers[" + std::to_string(i) + "]" + in_group;
-    if (!py::isinstance<py::array>(h)) throw py::type_error(name + ": expected a numpy.ndarray");
-    py::array a = py::reinterpret_borrow<py::array>(h);
-    const int type_num =
-        py::detail::array_descriptor_proxy(py::detail::array_proxy(a.ptr())->descr)->type_num;
-    if (type_num != py::detail::npy_api::NPY_FLOAT_ && type_num != py::detail::npy_api::NPY_DOUBLE_)
-      throw py::type_error(name + ": expected a float32 or float64 array");
-    if (a.size() != 1 || !a.writeable() || !(a.flags() & py::array::c_style))
-      throw py::value_error(name + ": expected a writeable array of one element");
-    out.push_back(std::move(a));
-  }
-  return out;
-}
 
 Batch make_batch(const py::dict& d, Optim optim) {
   const int group = get_or<int>(d, "group", 0);
@@ -493,19 +572,20 @@ Batch make_batch(const py::dict& d, Optim optim) {
         throw py::value_error("invalid stream_ids" + in_group + ": " + std::to_string(id) +
                               " (expected ints >= 0)");
   }
+  // The step buffers are checked first so that their overlap with the other
+  // written buffers is found in validate's one pass.
+  if (optim == Optim::Adam) {
+    b.step = get_or<int64_t>(d, "step", 0);
+    b.step_buffers = check_step_buffers(d, group);
+  }
   b.buffers = validate(d, lists, Namer{group, get_or<std::vector<int64_t>>(d, "indices", {})},
-                       a.param_dtype, a.grad_dtype);
+                       a.param_dtype, a.grad_dtype, b.step_buffers.extents);
   if (a.param_update == ParamUpdate::Stochastic) {
     if (stream_ids.size() != b.buffers.spans.size())
       throw py::value_error("stream_ids has " + std::to_string(stream_ids.size()) +
                             " entries but params has " + std::to_string(b.buffers.spans.size()));
     for (size_t i = 0; i < stream_ids.size(); ++i)
       b.buffers.spans[i].rounding_key = rounding_key(seed, rounding_step, stream_ids[i]);
-  }
-  if (optim == Optim::Adam) {
-    b.step = get_or<int64_t>(d, "step", 0);
-    b.step_buffers = check_step_buffers(d, in_group);
-    for (py::array& a : b.step_buffers) b.step_ptrs.push_back(a.mutable_data());
   }
   return b;
 }
@@ -648,11 +728,11 @@ py::dict run_step(py::handle batches_obj, Optim optim, py::object global_clipnor
         ran = (optim == Optim::Adam ? table.adam_step(b.args) : table.sgd_step(b.args)) && ran;
       }
       for (const Batch& b : batches)
-        for (size_t i = 0; i < b.step_ptrs.size(); ++i) {
-          if (b.step_buffers[i].itemsize() == 4)
-            *static_cast<float*>(b.step_ptrs[i]) = static_cast<float>(b.step);
+        for (size_t i = 0; i < b.step_buffers.ptrs.size(); ++i) {
+          if (b.step_buffers.arrays[i].itemsize() == 4)
+            *static_cast<float*>(b.step_buffers.ptrs[i]) = static_cast<float>(b.step);
           else
-            *static_cast<double*>(b.step_ptrs[i]) = static_cast<double>(b.step);
+            *static_cast<double*>(b.step_buffers.ptrs[i]) = static_cast<double>(b.step);
         }
     }
   }
@@ -712,13 +792,18 @@ std::vector<double> sum_squares_py(py::handle grads, const std::string& grad_dty
   const DType grad_dtype = parse_dtype(holder, "grad_dtype", "");
   py::sequence seq = as_list(grads, "grads");
   std::vector<py::array> keep;
+  std::vector<py::object> pins;  // see pin()
   std::vector<TensorSpan> spans(seq.size());
   Namer namer;
   namer.list_name = "grads";
-  for (size_t i = 0; i < seq.size(); ++i) {
-    keep.push_back(check_buffer(seq[i], namer, nullptr, i, false, nullptr, grad_dtype));
-    spans[i].grad = keep.back().data();
-    spans[i].numel = keep.back().size();
+  {
+    GcPause gc_pause;
+    for (size_t i = 0; i < seq.size(); ++i) {
+      keep.push_back(check_buffer(seq[i], namer, nullptr, i, false, nullptr, grad_dtype));
+      pin(keep.back(), pins);
+      spans[i].grad = keep.back().data();
+      spans[i].numel = keep.back().size();
+    }
   }
   py::gil_scoped_release release;
   return sum_squares_of(active_table(), spans, grad_dtype);

@@ -843,7 +843,7 @@ def test_step_buffers_are_left_alone_by_a_skipped_step():
     batches = core_batches()
     batches[0]["grads"][0][0] = np.inf
     for b in batches:
-        b["step_buffers"] = [np.full((), 5.0, np.float32)]
+        b["step_buffers"] = [np.full((), 5.0, np.float32), np.full((), 5.0, np.float32)]
     before = snapshot_bytes(batches)
     result = _core.adam_step(batches, skip_nonfinite=True)
     assert result["applied"] is False
