@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -205,6 +206,11 @@ void check_scalar(double x, const std::string& name, double lo, bool lo_open, do
     throw py::value_error("invalid " + name + ": " + num_str(x) + " (expected a finite value in " +
                           range + ")");
   }
+  // The step computes in float32: a value finite in double but not in float32 would
+  // turn every param it touches into inf or NaN.
+  if (std::fabs(x) > static_cast<double>(std::numeric_limits<float>::max()))
+    throw py::value_error("invalid " + name + ": " + num_str(x) +
+                          " (cannot be converted to float32 without overflow)");
 }
 
 py::sequence as_list(py::handle obj, const std::string& name) {
@@ -476,6 +482,7 @@ Batch make_batch(const py::dict& d, Optim optim) {
   if (!std::isfinite(grad_scale))
     throw py::value_error("invalid grad_scale" + in_group + ": " + num_str(grad_scale) +
                           " (expected a finite value)");
+  check_scalar(grad_scale, "grad_scale" + in_group, -INFINITY, true, INFINITY, true);
   b.base_scale = get_or<bool>(d, "maximize", false) ? -grad_scale : grad_scale;
   if (has(d, "clipnorm")) {
     b.clipnorm = get_double(d, "clipnorm");
@@ -511,6 +518,9 @@ Batch make_batch(const py::dict& d, Optim optim) {
     h.decay_scale = parse_decay_mode(get_or<std::string>(d, "decay_mode", "lr"), in_group);
     h.eps_mode = parse_eps_mode(get_or<std::string>(d, "eps_mode", "torch"), in_group);
     adam_scalars(h, sc);
+    // sqrt(bc2) folded into eps (one division per element) can take a tiny eps below
+    // float32's denormals: keep it positive, as torch's unfolded eps stays, so 0/eps is 0.
+    if (h.eps > 0.0 && sc.eps == 0.0f) sc.eps = std::numeric_limits<float>::denorm_min();
     a.decay = adam_decay_mode(h);
     a.amsgrad = get_or<bool>(d, "amsgrad", false) ? Amsgrad::On : Amsgrad::Off;
     lists.push_back({"exp_avgs", "exp_avg", &TensorSpan::exp_avg, a.state_dtype});

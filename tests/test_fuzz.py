@@ -403,9 +403,8 @@ def test_public_numpy_optimizers_step_or_refuse_with_everything_unchanged(case):
 
 
 # --------------------------------------------------------------------------
-# Hyperparameters finite in float64 but not in float32, and NaN ones: the
-# binding accepts a float32-overflowing lr, weight_decay or grad_scale, and the
-# front-ends pass them on; each case flips to a pass when that is fixed.
+# Hyperparameters finite in float64 but not in float32, and NaN ones: refused by
+# the binding and by the front-ends, naming the option.
 
 OVERFLOW = [
     pytest.param("lr", 1e39, id="lr=1e39"),
@@ -415,7 +414,6 @@ OVERFLOW = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="the binding checks scalars for finiteness in float64, not in float32")
 @pytest.mark.parametrize(("key", "value"), OVERFLOW)
 def test_core_refuses_hyperparameters_that_overflow_float32(key, value):
     batch = dict(params=[np.ones(5, np.float32)], grads=[np.ones(5, np.float32)],
@@ -426,8 +424,6 @@ def test_core_refuses_hyperparameters_that_overflow_float32(key, value):
         _core.adam_step([batch])
 
 
-@pytest.mark.xfail(strict=True, reason="an eps below float32's smallest denormal becomes 0 in the kernel: "
-                                       "0/0 where the float64 oracle divides by eps")
 def test_core_refuses_or_honours_an_eps_that_underflows_float32():
     param = np.ones(4, np.float32)
     batch = dict(params=[param], grads=[np.zeros(4, np.float32)], exp_avgs=[np.zeros(4, np.float32)],
@@ -441,13 +437,15 @@ def test_core_refuses_or_honours_an_eps_that_underflows_float32():
         assert (param == 1).all(), param
 
 
-@pytest.mark.xfail(strict=True, reason="the front-end passes float32-overflowing hyperparameters to the core")
 @pytest.mark.parametrize("cls", ["AdamW", "Adam", "SGD"])
 @pytest.mark.parametrize("lr", [1e39, 1e300], ids=lambda v: f"lr={v:g}")
 def test_public_optimizers_refuse_an_lr_that_overflows_float32(cls, lr):
     params = [np.ones(5, np.float32)]
-    opt = getattr(cpuadam, cls)(params, lr=lr)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="overflow"):
+        getattr(cpuadam, cls)(params, lr=lr)
+    opt = getattr(cpuadam, cls)(params, lr=0.1)
+    opt.param_groups[0]["lr"] = lr  # set between steps: refused by the step
+    with pytest.raises(ValueError, match="overflow"):
         opt.step([np.ones(5, np.float32)])
     assert (params[0] == 1).all()
 
@@ -517,8 +515,6 @@ def test_torch_optimizers_match_torch_optim_on_random_tensors(case):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
-@pytest.mark.xfail(strict=True, reason="cpuadam.torch refuses float64 and non-contiguous params instead of "
-                                       "stepping them with torch.optim's implementation (DESIGN.md)")
 @pytest.mark.parametrize(("dtype", "layout"), [("float64", "contiguous"), ("float32", "transposed"),
                                                ("float32", "strided")])
 def test_torch_optimizers_step_params_the_fused_kernel_does_not_cover(dtype, layout):
