@@ -324,6 +324,7 @@ FAULTS = {
     "huge_step": (lambda d: d["state"][0].update(step=2**63), r"'step' of param 0"),
     "negative_scale": (lambda d: d.update(loss_scale={"scale": -4.0}), "loss_scale"),
     "one_moment": (lambda d: d["state"][0].pop("exp_avg_sq"), "only one of"),
+    "decay_mask": (lambda d: d["param_groups"][0].update(decay_mask=[True]), "'decay_mask' in group 0"),
 }
 
 
