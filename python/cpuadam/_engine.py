@@ -322,13 +322,14 @@ class _Member:
 class _Batch:
     """Params of one group that share a step count, decay, dtypes and state layout."""
 
-    __slots__ = ("gi", "key", "decays", "dtypes", "keys", "members", "lists", "watch")
+    __slots__ = ("gi", "key", "decays", "dtypes", "keys", "members", "lists", "watch", "static")
 
     def __init__(self, gi: int, key: Any, decays: bool, dtypes: tuple, keys: tuple):
         self.gi, self.key, self.decays, self.dtypes, self.keys = gi, key, decays, dtypes, keys
         self.members: list[_Member] = []
         self.lists: dict[str, list] = {}
         self.watch: _Watch | None = None
+        self.static: dict = {}
 
 
 class _Watch:
@@ -528,7 +529,8 @@ class Engine:
                 same = False
             if not same:
                 self.rule.check_group(group, f" in group {gi}")
-                checked[id(group)] = (group, sig)
+                # The group's core scalars, reused until one of its values changes.
+                checked[id(group)] = (group, sig, self.rule.scalars(group, 0.0, None))
 
     # --- the step -------------------------------------------------------------------------
     def step(self, groups: list[dict], state: Any, grads: Any, skeys: Any, *,
@@ -711,6 +713,20 @@ class Engine:
                 lists["step_buffers"].append(m.step_view)
         batch.lists = lists
         batch.watch = _Watch(batch, adapter.ptr)
+        # What a step's batch dict holds whatever the step: buffers and per-batch keys.
+        static = dict(lists)
+        static["group"] = batch.gi
+        static["clipnorm"] = self.options.clipnorm
+        static["clipvalue"] = self.options.clipvalue
+        pdtype, gdtype, sdtype, update = batch.dtypes
+        for key, name in (("param_dtype", pdtype), ("grad_dtype", gdtype), ("state_dtype", sdtype)):
+            if name != "float32" and name in KERNEL_DTYPES:
+                static[key] = name
+        if update != "nearest":
+            static["param_update"] = update
+            if update == "stochastic":
+                static["stream_ids"] = [m.flat for m in batch.members]
+        batch.static = static
 
     def _alive(self, plan: _Plan, groups: list[dict], state: Any) -> bool:
         """Whether every planned member still is what its views were made of: the same param
@@ -762,30 +778,23 @@ class Engine:
         ema_momentum = opts.ema_momentum if self.iterations > 0 else 0.0
         lrs = [self._current_lr(group) for group in groups]
         out = []
+        checked = self._checked
+        key_name = "step" if rule.counts_steps else "momentum_first"
         for batch in plan.batches:
             group = groups[batch.gi]
-            d = dict(batch.lists)
+            d = dict(batch.static)
             if adapter.grads_as_given:
                 d["grads"] = list(map(grads.__getitem__, batch.watch.flats))
             else:
                 view = adapter.grad_view
                 d["grads"] = [view(grads[m.flat], m.param, m.gi, m.pi) for m in batch.members]
-            d.update(rule.scalars(group, lrs[batch.gi], batch.key))
-            d["group"] = batch.gi
+            d.update(checked[id(group)][2])
+            d["lr"] = lrs[batch.gi]
+            d[key_name] = batch.key
             d["grad_scale"] = grad_scale
-            d["clipnorm"] = opts.clipnorm
-            d["clipvalue"] = opts.clipvalue
-            pdtype, gdtype, sdtype, update = batch.dtypes
-            for key, name in (("param_dtype", pdtype), ("grad_dtype", gdtype),
-                              ("state_dtype", sdtype)):
-                if name != "float32" and name in KERNEL_DTYPES:
-                    d[key] = name
-            if update != "nearest":
-                d["param_update"] = update
-                if update == "stochastic":
-                    d["seed"] = opts.seed
-                    d["rounding_step"] = batch.key if rule.counts_steps else self.iterations + 1
-                    d["stream_ids"] = [m.flat for m in batch.members]
+            if batch.dtypes[3] == "stochastic":
+                d["seed"] = opts.seed
+                d["rounding_step"] = batch.key if rule.counts_steps else self.iterations + 1
             if not batch.decays:
                 d["weight_decay"] = 0.0
             if "emas" in d:
