@@ -928,5 +928,5 @@ PYBIND11_MODULE(_core, m) {
         if (n < 1) throw py::value_error("set_num_threads: n must be >= 1, got " + std::to_string(n));
         set_num_threads(n);
       },
-      py::arg("n"), "Sets the threads each step may use (default: OpenMP's).");
+      py::arg("n"), "Sets the threads each step may use, clamped to 4 per available CPU.");
 }

@@ -3,15 +3,21 @@
 // thread count. Compiled with baseline flags.
 #include "dispatch.h"
 
-#include <omp.h>
-
+#include <atomic>
 #include <cstdlib>
 #include <stdexcept>
+
+#include "threads.h"
 
 namespace cpuadam {
 
 // Each level's kernel_isa.cpp exports one of these.
+#ifdef CPUADAM_HAVE_BASELINE
 namespace baseline { KernelTable kernel_table(); }
+#endif
+#ifdef CPUADAM_HAVE_NEON
+namespace neon { KernelTable kernel_table(); }
+#endif
 #ifdef CPUADAM_HAVE_AVX2
 namespace avx2 { KernelTable kernel_table(); }
 #endif
@@ -29,7 +35,9 @@ struct Level {
 DispatchInfo g_info;
 std::vector<Level> g_levels;
 KernelTable g_active{};
-int g_num_threads = 0;
+// Read by every step, written by set_num_threads (threadpoolctl may call it
+// from any thread).
+std::atomic<int> g_num_threads{1};
 
 // Below this many elements per thread, starting another thread costs more
 // than it saves (about 64 KiB of each buffer; a team wake-up is a few us).
@@ -48,7 +56,13 @@ void init_dispatch() {
   g_levels.clear();
   const CpuFeatures f = detect_cpu_features();
   g_info.features = f;
+  // The lowest level of each architecture runs on every CPU of it.
+#ifdef CPUADAM_HAVE_BASELINE
   g_levels.push_back({baseline::kernel_table(), true});
+#endif
+#ifdef CPUADAM_HAVE_NEON
+  g_levels.push_back({neon::kernel_table(), true});
+#endif
 #ifdef CPUADAM_HAVE_AVX2
   g_levels.push_back({avx2::kernel_table(), f.avx2 && f.fma && f.f16c});
 #endif
@@ -81,7 +95,7 @@ void init_dispatch() {
   }
   g_active = chosen->table;
   g_info.selected = chosen->table.level;
-  g_num_threads = omp_get_max_threads();
+  g_num_threads = default_num_threads();
 }
 
 const DispatchInfo& dispatch_info() { return g_info; }
@@ -93,8 +107,13 @@ const KernelTable* table_for(const std::string& level) {
   return nullptr;
 }
 
-int num_threads() { return g_num_threads; }
-void set_num_threads(int n) { g_num_threads = n; }
+int num_threads() { return g_num_threads.load(std::memory_order_relaxed); }
+
+int set_num_threads(int n) {
+  const int bound = max_threads();
+  g_num_threads.store(n < bound ? n : bound, std::memory_order_relaxed);
+  return num_threads();
+}
 
 int threads_for(long long elements, int requested) {
   long long useful = elements / kMinElementsPerThread;
@@ -103,3 +122,10 @@ int threads_for(long long elements, int requested) {
 }
 
 }  // namespace cpuadam
+
+// For threadpoolctl, which finds _core among the loaded libraries and calls
+// these through ctypes (see cpuadam/_threadpoolctl.py). They do not throw.
+CPUADAM_EXPORT int cpuadam_get_num_threads() { return cpuadam::num_threads(); }
+CPUADAM_EXPORT int cpuadam_set_num_threads(int n) {
+  return cpuadam::set_num_threads(n < 1 ? 1 : n);
+}

@@ -28,8 +28,18 @@ const KernelTable& active_table();
 const KernelTable* table_for(const std::string& level);
 
 int num_threads();
-void set_num_threads(int n);  // n >= 1
+// n >= 1; clamped to max_threads() (threads.h). Returns the count now in force.
+int set_num_threads(int n);
 // Threads worth starting for `elements` of work: at most num_threads().
 int threads_for(long long elements, int requested);
 
 }  // namespace cpuadam
+
+// Symbols _core exports by name despite pybind11's hidden visibility.
+#if defined(_WIN32)
+#define CPUADAM_EXPORT extern "C" __declspec(dllexport)
+#else
+#define CPUADAM_EXPORT extern "C" __attribute__((visibility("default")))
+#endif
+CPUADAM_EXPORT int cpuadam_get_num_threads();
+CPUADAM_EXPORT int cpuadam_set_num_threads(int n);

@@ -41,16 +41,20 @@
 // Included only from kernel_isa.cpp, inside its per-level namespace.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "convert.h"
 
-// a * b + c, fused where this level has hardware FMA. std::fma would be a
-// library call on baseline x86-64; -ffp-contract=off keeps the unfused form
-// from being fused behind our back, so every level rounds deterministically.
+// a * b + c, fused where this level has hardware FMA (MSVC's /arch:AVX2 and
+// AVX512 imply it but define no __FMA__). There std::fma is one instruction;
+// on baseline x86-64 it would be a library call. -ffp-contract=off keeps the
+// unfused form from being fused behind our back, so every level rounds
+// deterministically.
 inline float madd(float a, float b, float c) {
-#if defined(__FMA__) || defined(__aarch64__)
-  return __builtin_fmaf(a, b, c);
+#if defined(__FMA__) || (defined(_MSC_VER) && defined(__AVX2__)) || defined(__aarch64__) || \
+    defined(_M_ARM64)
+  return std::fma(a, b, c);
 #else
   return a * b + c;
 #endif
@@ -106,7 +110,7 @@ inline void adam_range(P* __restrict param, const G* __restrict grad, S* __restr
       v_used = vmax > v ? vmax : v;
       max_exp_avg_sq[i] = store_float<S>(v_used);
     }
-    const float denom = __builtin_sqrtf(v_used) + eps;
+    const float denom = std::sqrt(v_used) + eps;
     p = madd(neg_step_size, m / denom, p);
     exp_avg[i] = store_float<S>(m);
     exp_avg_sq[i] = store_float<S>(v);

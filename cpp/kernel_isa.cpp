@@ -1,14 +1,14 @@
 // SPDX-License-Identifier: MIT
 // The one kernel source compiled once per ISA level: instantiates kernel.h for
 // the supported dtypes and flags, runs it over thread slices, exports a table.
-#include <omp.h>
-
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 #if defined(__F16C__)
 #include <immintrin.h>
 #endif
 
+#include "threads.h"
 #include "types.h"
 
 #ifndef CPUADAM_LEVEL
@@ -66,13 +66,13 @@ template <typename Fn>
 void parallel_pieces(const TensorSpan* tensors, const int64_t* offsets, int64_t num_tensors,
                      int num_threads, Fn&& fn) {
   const int64_t total = offsets[num_tensors];
-#pragma omp parallel num_threads(num_threads) if (num_threads > 1)
-  {
-    Slice s = thread_slice(total, omp_get_thread_num(), omp_get_num_threads());
+  auto slice = [&](int thread, int team) {
+    Slice s = thread_slice(total, thread, team);
     for_each_piece(offsets, num_tensors, s, [&](int64_t t, int64_t first, int64_t count) {
       fn(tensors[t], first, count);
     });
-  }
+  };
+  parallel_for_threads(num_threads, slice);
 }
 
 // Runs fn(first, n) over [first, first + count) as at most two runs, the
@@ -340,10 +340,9 @@ bool accumulate(const StepArgs& a) {
 template <typename G>
 void sum_squares_typed(const NormArgs& a) {
   const int64_t total_blocks = a.block_offsets[a.num_tensors];
-#pragma omp parallel num_threads(a.num_threads) if (a.num_threads > 1)
-  {
+  auto slice = [&](int thread, int team) {
     // Threads split the blocks; each block's sum depends only on its elements.
-    Slice s = thread_slice(total_blocks, omp_get_thread_num(), omp_get_num_threads());
+    Slice s = thread_slice(total_blocks, thread, team);
     for_each_piece(a.block_offsets, a.num_tensors, s, [&](int64_t t, int64_t first, int64_t count) {
       const TensorSpan& span = a.tensors[t];
       const G* grad = static_cast<const G*>(span.grad);
@@ -363,7 +362,8 @@ void sum_squares_typed(const NormArgs& a) {
         a.block_sums[a.block_offsets[t] + b] = sum;
       }
     });
-  }
+  };
+  parallel_for_threads(a.num_threads, slice);
 }
 
 bool sum_squares(const NormArgs& a) {

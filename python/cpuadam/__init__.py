@@ -4,6 +4,9 @@
 from cpuadam._core import __version__, build_info, get_num_threads, set_num_threads
 from cpuadam import schedules
 from cpuadam.optim import SGD, Adam, AdamW, DynamicLossScale
+from cpuadam._threadpoolctl import register as _register_threadpoolctl
+
+_register_threadpoolctl()
 
 __all__ = [
     "SGD",

@@ -1,0 +1,163 @@
+// SPDX-License-Identifier: MIT
+// Runs one ISA level's kernel table on fixed inputs and prints a hash of the
+// output bytes, so builds for different CPUs (x86-64 avx2, aarch64 neon) can
+// be compared bit for bit. Built by tools/check_aarch64.sh.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <vector>
+
+#include "../../cpp/scalars.h"
+#include "../../cpp/types.h"
+
+#ifndef CPUADAM_DRIVER_LEVEL
+#error "CPUADAM_DRIVER_LEVEL must name the level linked in"
+#endif
+
+namespace cpuadam {
+namespace CPUADAM_DRIVER_LEVEL {
+KernelTable kernel_table();
+}
+}  // namespace cpuadam
+
+namespace {
+
+using namespace cpuadam;
+
+// Sizes around every vector width, one large enough to split between threads.
+const std::vector<int64_t> kSizes = {1, 3, 7, 8, 15, 17, 31, 33, 63, 65, 1000, 40009};
+
+uint64_t fnv1a(uint64_t h, const std::vector<float>& v) {
+  const auto* bytes = reinterpret_cast<const unsigned char*>(v.data());
+  for (size_t i = 0; i < v.size() * sizeof(float); ++i) h = (h ^ bytes[i]) * 1099511628211ULL;
+  return h;
+}
+
+// Values from integers: the same floats on every machine, no libm involved.
+struct Lcg {
+  uint64_t state;
+  float next(float scale) {
+    state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+    const int32_t r = static_cast<int32_t>(state >> 40) - (1 << 23);
+    return scale * static_cast<float>(r) / static_cast<float>(1 << 23);
+  }
+};
+
+struct Buffers {
+  std::vector<std::vector<float>> param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq;
+  std::vector<TensorSpan> spans;
+  std::vector<int64_t> offsets{0};
+
+  explicit Buffers(uint64_t seed) {
+    Lcg rng{seed};
+    for (int64_t n : kSizes) {
+      param.emplace_back(n);
+      grad.emplace_back(n);
+      exp_avg.emplace_back(n);
+      exp_avg_sq.emplace_back(n);
+      max_exp_avg_sq.emplace_back(n);
+      for (int64_t i = 0; i < n; ++i) {
+        param.back()[i] = rng.next(1.f);
+        exp_avg.back()[i] = rng.next(0.1f);
+        const float v = rng.next(0.1f);
+        exp_avg_sq.back()[i] = v * v;
+        max_exp_avg_sq.back()[i] = 2.f * v * v;
+      }
+    }
+    for (size_t t = 0; t < kSizes.size(); ++t) {
+      TensorSpan s;
+      s.param = param[t].data();
+      s.grad = grad[t].data();
+      s.exp_avg = exp_avg[t].data();
+      s.exp_avg_sq = exp_avg_sq[t].data();
+      s.max_exp_avg_sq = max_exp_avg_sq[t].data();
+      s.numel = kSizes[t];
+      s.grad_scale = 0.7f;
+      spans.push_back(s);
+      offsets.push_back(offsets.back() + kSizes[t]);
+    }
+  }
+
+  void fill_grads(Lcg& rng) {
+    for (auto& g : grad)
+      for (auto& x : g) x = rng.next(2.f);
+  }
+
+  uint64_t hash() const {
+    uint64_t h = 14695981039346656037ULL;
+    for (const auto* list : {&param, &exp_avg, &exp_avg_sq, &max_exp_avg_sq})
+      for (const auto& v : *list) h = fnv1a(h, v);
+    return h;
+  }
+};
+
+StepArgs args_for(const Buffers& b, int num_threads) {
+  StepArgs a;
+  a.tensors = b.spans.data();
+  a.num_tensors = static_cast<int64_t>(b.spans.size());
+  a.offsets = b.offsets.data();
+  a.grad_input = GradInput::Scaled;
+  a.num_threads = num_threads;
+  a.scalars.clip_value = INFINITY;
+  return a;
+}
+
+// AdamW with amsgrad (torch eps), then Adam with L2 decay (keras eps): 10 steps each.
+uint64_t run_adam(const KernelTable& table, int num_threads) {
+  Buffers b(1);
+  Lcg rng{2};
+  for (int variant = 0; variant < 2; ++variant) {
+    for (int64_t step = 1; step <= 10; ++step) {
+      b.fill_grads(rng);
+      AdamHyper h;
+      h.lr = 1e-2;
+      h.weight_decay = 0.02;
+      h.step = step;
+      h.decoupled = variant == 0;
+      h.eps_mode = variant == 0 ? EpsMode::Torch : EpsMode::Keras;
+      h.eps = 1e-6;
+      StepArgs a = args_for(b, num_threads);
+      adam_scalars(h, a.scalars);
+      a.decay = adam_decay_mode(h);
+      a.amsgrad = variant == 0 ? Amsgrad::On : Amsgrad::Off;
+      if (!table.adam_step(a)) return 0;
+    }
+  }
+  return b.hash();
+}
+
+// SGD with nesterov momentum and L2 decay: the first step, then 9 more.
+uint64_t run_sgd(const KernelTable& table, int num_threads) {
+  Buffers b(3);
+  Lcg rng{4};
+  for (int step = 1; step <= 10; ++step) {
+    b.fill_grads(rng);
+    SgdHyper h;
+    h.lr = 1e-2;
+    h.momentum = 0.9;
+    h.dampening = 0.1;
+    h.weight_decay = 0.01;
+    StepArgs a = args_for(b, num_threads);
+    sgd_scalars(h, a.scalars);
+    a.decay = DecayMode::L2;
+    a.momentum = step == 1 ? Momentum::First : Momentum::On;
+    a.nesterov = Nesterov::On;
+    if (!table.sgd_step(a)) return 0;
+  }
+  return b.hash();
+}
+
+}  // namespace
+
+int main() {
+  const KernelTable table = cpuadam::CPUADAM_DRIVER_LEVEL::kernel_table();
+  const uint64_t adam1 = run_adam(table, 1), adam2 = run_adam(table, 2);
+  const uint64_t sgd1 = run_sgd(table, 1), sgd2 = run_sgd(table, 2);
+  if (adam1 != adam2 || sgd1 != sgd2) {
+    std::printf("level %s: results differ between 1 and 2 threads\n", table.level);
+    return 1;
+  }
+  std::printf("level %s adam %016llx sgd %016llx\n", table.level,
+              static_cast<unsigned long long>(adam1), static_cast<unsigned long long>(sgd1));
+  return 0;
+}
