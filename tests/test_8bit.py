@@ -333,3 +333,240 @@ def test_rejections_leave_every_buffer_unchanged(rng):
     attempt(absmax_short, ValueError, r"exp_avg_sq_absmax of params\[1\].*\(4,\)")
     attempt(absmax_missing, ValueError, "exp_avg_absmaxs")
     attempt(absmax_aliases, ValueError, "shares memory")
+
+
+# --- the front-ends ---------------------------------------------------------------------------
+
+torch = pytest.importorskip("torch")
+import cpuadam.torch as ctorch  # noqa: E402
+
+SHAPES = [(100,), (70, 90), (4096,), (3, 1000)]  # under, over, at min_8bit_size; short last block
+
+
+def numpy_run(shapes, steps, seed, opt=None, params=None, cls="AdamW", **options):
+    rng = np.random.default_rng(seed)
+    if params is None:
+        params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    if opt is None:
+        opt = getattr(cpuadam, cls)(params, lr=1e-2, **options)
+    for _ in range(steps):
+        opt.step([rng.standard_normal(p.shape).astype(np.float32) * 0.1 for p in params])
+    return opt, params
+
+
+@pytest.mark.parametrize("cls,kw", [("AdamW", {}), ("AdamW", {"amsgrad": True}), ("Adam", {}),
+                                    ("SGD", {"momentum": 0.9})])
+def test_numpy_state_dict_layout_and_bitwise_resume(cls, kw):
+    options = dict(state_dtype="8bit", min_8bit_size=4096, **kw)
+    full, full_params = numpy_run(SHAPES, 6, 1, cls=cls, **options)
+    half, half_params = numpy_run(SHAPES, 3, 1, cls=cls, **options)
+    sd = half.state_dict()
+    keys = ["momentum_buffer"] if cls == "SGD" else ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if kw else [])
+    for i, shape in enumerate(SHAPES):
+        entry = sd["state"][i]
+        numel = int(np.prod(shape))
+        for key in keys:
+            if numel < 4096:
+                assert entry[key].dtype == np.float32 and key + "_absmax" not in entry
+            else:
+                assert entry[key].dtype == np.uint8 and entry[key].shape == shape
+                assert entry[key + "_absmax"].shape == (-(-numel // 256),)
+                np.testing.assert_array_equal(entry[key + "_qmap"], _core.qmap(MAPS[key]))
+    import pickle
+    restored_params = [p.copy() for p in half_params]
+    resumed = getattr(cpuadam, cls)(restored_params, lr=1e-2, **options)
+    resumed.load_state_dict(pickle.loads(pickle.dumps(sd)))
+    # The rest of the run, with the same grads the full run saw.
+    rng = np.random.default_rng(1)
+    [rng.standard_normal(s) for s in SHAPES]  # the params' draw
+    for _ in range(3):
+        [rng.standard_normal(p.shape) for p in full_params]
+    for _ in range(3):
+        resumed.step([rng.standard_normal(p.shape).astype(np.float32) * 0.1 for p in restored_params])
+    for a, b in zip(restored_params, full_params):
+        np.testing.assert_array_equal(a, b)
+    for i in range(len(SHAPES)):
+        for key, value in full.state_dict()["state"][i].items():
+            np.testing.assert_array_equal(resumed.state_dict()["state"][i][key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("pdtype", [torch.float32, torch.bfloat16])
+def test_torch_state_dict_round_trip_and_bitwise_resume(pdtype):
+    def run(model_state, steps, sd=None, start=0):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s).to(pdtype)) for s in SHAPES]
+        if model_state is not None:
+            with torch.no_grad():
+                for p, v in zip(params, model_state):
+                    p.copy_(v)
+        opt = ctorch.AdamW(params, lr=1e-2, amsgrad=True, state_dtype="8bit")
+        if sd is not None:
+            opt.load_state_dict(sd)
+        gen = torch.Generator().manual_seed(5)
+        for k in range(start + steps):
+            grads = [torch.randn(p.shape, generator=gen).to(pdtype) for p in params]
+            if k < start:
+                continue
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.step()
+        return params, opt
+
+    full_params, full = run(None, 6)
+    half_params, half = run(None, 3)
+    sd = half.state_dict()
+    entry = sd["state"][2]
+    assert entry["exp_avg"].dtype == torch.uint8 and entry["exp_avg_absmax"].dtype == torch.float32
+    buf = __import__("io").BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    loaded = torch.load(buf)
+    resumed_params, resumed = run([p.detach() for p in half_params], 3, sd=loaded, start=3)
+    for a, b in zip(resumed_params, full_params):
+        assert torch.equal(a, b)
+    for p_full, p_res in zip(full.param_groups[0]["params"], resumed.param_groups[0]["params"]):
+        st_full, st_res = full.state[p_full], resumed.state[p_res]
+        assert st_full.keys() == st_res.keys()
+        for key in st_full:
+            assert st_res[key].dtype == st_full[key].dtype, key
+            assert torch.equal(st_res[key], st_full[key]), key
+
+
+def test_min_8bit_size_and_its_validation():
+    opt, _ = numpy_run([(10,), (300,)], 1, 0, state_dtype="8bit", min_8bit_size=300)
+    sd = opt.state_dict()["state"]
+    assert sd[0]["exp_avg"].dtype == np.float32 and sd[1]["exp_avg"].dtype == np.uint8
+    opt, _ = numpy_run([(10,), (300,)], 1, 0, state_dtype="8bit", min_8bit_size=0)
+    assert opt.state_dict()["state"][0]["exp_avg"].dtype == np.uint8
+    for bad in (-1, 1.5, "4096", True):
+        with pytest.raises(ValueError, match="min_8bit_size"):
+            cpuadam.AdamW([np.zeros(3, np.float32)], state_dtype="8bit", min_8bit_size=bad)
+    with pytest.raises(ValueError, match="min_8bit_size"):
+        ctorch.AdamW([torch.nn.Parameter(torch.zeros(3))], state_dtype="8bit", min_8bit_size=-1)
+
+
+def test_conversions_to_and_from_float32_states():
+    opt, params = numpy_run(SHAPES, 3, 2, state_dtype="8bit")
+    sd = opt.state_dict()
+    flat = cpuadam.dequantize_state(sd)
+    for i, shape in enumerate(SHAPES):
+        entry = flat["state"][i]
+        assert set(entry) == {"step", "exp_avg", "exp_avg_sq"}
+        assert entry["exp_avg"].dtype == np.float32 and entry["exp_avg"].shape == shape
+        if np.prod(shape) >= 4096:
+            want = dequantize_blockwise(sd["state"][i]["exp_avg"], sd["state"][i]["exp_avg_absmax"],
+                                        dynamic_map(True))
+            np.testing.assert_array_equal(entry["exp_avg"], want)
+    # Back: the same layout, and values within one step of the map (the signed map has no -1,
+    # so a block led by a negative value shrinks its absmax by 0.7% at each round trip).
+    again = cpuadam.quantize_state(flat)
+    for i in range(len(SHAPES)):
+        assert again["state"][i].keys() == sd["state"][i].keys()
+        back = cpuadam.dequantize_state(again)["state"][i]
+        for key in ("exp_avg", "exp_avg_sq"):
+            scale = np.abs(flat["state"][i][key]).max()
+            np.testing.assert_allclose(back[key], flat["state"][i][key], rtol=0, atol=0.02 * scale)
+    # A float32 optimizer takes the dequantized checkpoint, an 8-bit one the float32 checkpoint
+    # (quantized at its next step), and an 8-bit checkpoint goes to torch.optim.AdamW.
+    plain = cpuadam.AdamW([p.copy() for p in params], lr=1e-2)
+    plain.load_state_dict(flat)
+    eight = cpuadam.AdamW([p.copy() for p in params], lr=1e-2, state_dtype="8bit")
+    eight.load_state_dict(flat)
+    same = cpuadam.AdamW([p.copy() for p in params], lr=1e-2, state_dtype="8bit")
+    same.load_state_dict(sd)
+    grads = [np.full(p.shape, 0.01, np.float32) for p in params]
+    eight.step(grads)
+    same.step(grads)
+    plain.step(grads)
+    for i in range(len(SHAPES)):
+        assert eight.state_dict()["state"][i].keys() == same.state_dict()["state"][i].keys()
+        assert plain.state_dict()["state"][i]["exp_avg"].dtype == np.float32
+    # The float32 checkpoint is re-quantized before the step, so the two differ by that rounding.
+    for a, b, c in zip(eight.param_groups[0]["params"], same.param_groups[0]["params"],
+                       plain.param_groups[0]["params"]):
+        np.testing.assert_allclose(a, b, atol=2e-3)
+        np.testing.assert_allclose(c, b, atol=2e-3)
+    tparams = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in params]
+    reference_opt = torch.optim.AdamW(tparams, lr=1e-2)
+    tsd = {"state": {i: {k: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else torch.tensor(float(v))
+                         for k, v in e.items()} for i, e in flat["state"].items()},
+           "param_groups": [dict(flat["param_groups"][0], foreach=None, capturable=False, differentiable=False,
+                                 fused=None, decoupled_weight_decay=True)]}
+    reference_opt.load_state_dict(tsd)
+    # torch tensors through the conversions keep being tensors.
+    tq = cpuadam.quantize_state(tsd)
+    assert tq["state"][2]["exp_avg"].dtype == torch.uint8
+    back = cpuadam.dequantize_state(tq)
+    want = tsd["state"][2]["exp_avg"]
+    assert isinstance(back["state"][2]["exp_avg"], torch.Tensor) and "exp_avg_absmax" not in back["state"][2]
+    assert torch.allclose(back["state"][2]["exp_avg"], want, rtol=0, atol=0.02 * float(want.abs().max()))
+
+
+def test_a_foreign_qmap_or_bad_absmax_is_refused_on_load():
+    opt, params = numpy_run(SHAPES, 1, 3, state_dtype="8bit")
+    sd = opt.state_dict()
+    other = cpuadam.AdamW([p.copy() for p in params], state_dtype="8bit")
+    bad = __import__("copy").deepcopy(sd)
+    bad["state"][2]["exp_avg_qmap"] = bad["state"][2]["exp_avg_qmap"] * 2
+    with pytest.raises(ValueError, match="exp_avg_qmap.*dequantize_state"):
+        other.load_state_dict(bad)
+    bad = __import__("copy").deepcopy(sd)
+    bad["state"][2]["exp_avg_sq_absmax"] = bad["state"][2]["exp_avg_sq_absmax"][:-1]
+    with pytest.raises(ValueError, match="exp_avg_sq_absmax"):
+        other.load_state_dict(bad)
+    bad = __import__("copy").deepcopy(sd)
+    del bad["state"][2]["exp_avg_absmax"]
+    with pytest.raises(ValueError, match="exp_avg"):
+        other.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("pdt", ["bfloat16", "float16"])
+@pytest.mark.parametrize("update", ["nearest", "stochastic", "kahan", "master"])
+def test_16_bit_params_in_every_update_mode_step_like_float32_states(pdt, update, rng):
+    """A bfloat16/float16 param with 8-bit states takes the same update as with float32 states
+    on the dequantized values: the param bitwise, the codes those of the float32 moments."""
+    from test_precision import encode
+    sizes = [300, 1000]
+    state = State8(rng, sizes, ["exp_avg", "exp_avg_sq"])
+    params = [encode(log_spread(rng, n, -2, 0), pdt) for n in sizes]
+    grads = [log_spread(rng, n, -5, -1) for n in sizes]
+    extra = dict(param_dtype=pdt, param_update=update, step=3, **ADAMW)
+    if update == "stochastic":
+        extra.update(seed=3, rounding_step=3, stream_ids=[0, 1])
+
+    def buffers():
+        if update == "master":
+            return {"masters": [np.float32(log_spread(np.random.default_rng(1), n, -2, 0)) for n in sizes]}
+        if update == "kahan":
+            return {"kahan_comps": [np.zeros_like(p) for p in params]}
+        return {}
+
+    b32, b8 = buffers(), buffers()
+    ps32, ps8 = [p.copy() for p in params], [p.copy() for p in params]
+    f32 = state.dequantized()
+    _core.adam_step([dict(params=ps32, grads=grads, **f32, **b32, **extra)])
+    st = state.copy()
+    _core.adam_step([dict(params=ps8, grads=grads, state_dtype="8bit", **st.lists(), **b8, **extra)])
+    for a, b in zip(ps8, ps32):
+        np.testing.assert_array_equal(a.view(np.uint16), b.view(np.uint16))
+    for key in b32:
+        for a, b in zip(b8[key], b32[key]):
+            np.testing.assert_array_equal(a, b)
+    for key in st.keys:
+        for i, v in enumerate(f32[LISTS[key]]):
+            codes, absmax = _core.quantize_blockwise(v, MAPS[key])
+            np.testing.assert_array_equal(st.codes[key][i], codes)
+            np.testing.assert_array_equal(st.absmax[key][i], absmax)
+
+
+def test_torch_sgd_momentum_8bit_state_dict():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5000))
+    opt = ctorch.SGD([p], lr=0.1, momentum=0.9, state_dtype="8bit")
+    for _ in range(2):
+        p.grad = torch.randn(5000)
+        opt.step()
+    entry = opt.state_dict()["state"][0]
+    assert entry["momentum_buffer"].dtype == torch.uint8
+    assert entry["momentum_buffer_absmax"].shape == (20,)
+    assert torch.equal(entry["momentum_buffer_qmap"], torch.from_numpy(_core.qmap("signed")))
