@@ -27,6 +27,10 @@ namespace py = pybind11;
 #endif
 
 namespace cpuadam {
+namespace host {
+// The host's copy of the quantizer (scalar code: the same bits as every level's).
+#include "quant.h"
+}  // namespace host
 namespace {
 
 std::string shape_str(const py::array& a) {
@@ -76,6 +80,7 @@ bool has_dtype(const py::array& a, DType dtype) {
   switch (dtype) {
     case DType::Float32: return type_num == py::detail::npy_api::NPY_FLOAT_;
     case DType::Float16: return type_num == 23;  // NPY_HALF
+    case DType::Blockwise8: return type_num == py::detail::npy_api::NPY_UBYTE_;
     case DType::BFloat16:
       if (type_num == py::detail::npy_api::NPY_USHORT_ || type_num == py::detail::npy_api::NPY_SHORT_)
         return true;
@@ -91,12 +96,14 @@ const char* dtype_name(DType dtype) {
     case DType::Float32: return "float32";
     case DType::BFloat16: return "bfloat16";
     case DType::Float16: return "float16";
+    case DType::Blockwise8: return "8bit";
   }
   return "?";
 }
 
 std::string expected_array(DType dtype) {
   if (dtype == DType::BFloat16) return "a bfloat16 array (uint16/int16 bits or ml_dtypes.bfloat16)";
+  if (dtype == DType::Blockwise8) return "a uint8 array of 8-bit codes";
   return std::string("a ") + dtype_name(dtype) + " array";
 }
 
@@ -237,6 +244,8 @@ struct StateList {
   const char* what;
   void* TensorSpan::*field;
   DType dtype = DType::Float32;
+  // An 8-bit state's absmax: float32, one entry per block of kQuantBlock elements.
+  bool per_block = false;
 };
 
 // `also_written`: extents of other buffers the call writes (step_buffers),
@@ -288,7 +297,17 @@ Buffers validate(const py::dict& d, const std::vector<StateList>& lists, Namer n
       b.read.push_back(extent_of(g, &namer, "grad", i));
     }
     for (size_t k = 0; k < lists.size(); ++k) {
-      py::array a = check_buffer(states[k][i], namer, lists[k].what, i, true, &p, lists[k].dtype);
+      const bool per_block = lists[k].per_block;
+      py::array a = check_buffer(states[k][i], namer, lists[k].what, i, true, per_block ? nullptr : &p,
+                                 lists[k].dtype);
+      if (per_block) {
+        const int64_t blocks = (static_cast<int64_t>(p.size()) + host::kQuantBlock - 1) / host::kQuantBlock;
+        if (a.ndim() != 1 || a.shape(0) != blocks)
+          throw py::value_error(namer.of(lists[k].what, i) + ": shape " + shape_str(a) + " does not match " +
+                                namer.param(i) + "'s " + std::to_string(p.size()) + " elements (expected (" +
+                                std::to_string(blocks) + ",), one float32 per block of " +
+                                std::to_string(host::kQuantBlock) + ")");
+      }
       pin(a, b.pins);
       s.*(lists[k].field) = a.mutable_data();
       if (s.numel > 0) b.written.push_back(extent_of(a, &namer, lists[k].what, i));
@@ -323,6 +342,7 @@ DType parse_dtype(const py::dict& d, const char* key, const std::string& in_grou
   const std::string s = get_or_str(d, key, "float32");
   if (s == "float32") return DType::Float32;
   if (s == "bfloat16") return DType::BFloat16;
+  if (s == "8bit" && std::string(key) == "state_dtype") return DType::Blockwise8;
   if (s == "float16") {
     if (std::string(key) == "state_dtype")
       throw py::value_error("invalid state_dtype" + in_group +
@@ -527,6 +547,14 @@ Batch make_batch(const py::dict& d, Optim optim) {
     lists.push_back({"exp_avg_sqs", "exp_avg_sq", &TensorSpan::exp_avg_sq, a.state_dtype});
     if (a.amsgrad == Amsgrad::On)
       lists.push_back({"max_exp_avg_sqs", "max_exp_avg_sq", &TensorSpan::max_exp_avg_sq, a.state_dtype});
+    if (a.state_dtype == DType::Blockwise8) {
+      lists.push_back({"exp_avg_absmaxs", "exp_avg_absmax", &TensorSpan::exp_avg_absmax, DType::Float32, true});
+      lists.push_back({"exp_avg_sq_absmaxs", "exp_avg_sq_absmax", &TensorSpan::exp_avg_sq_absmax,
+                       DType::Float32, true});
+      if (a.amsgrad == Amsgrad::On)
+        lists.push_back({"max_exp_avg_sq_absmaxs", "max_exp_avg_sq_absmax",
+                         &TensorSpan::max_exp_avg_sq_absmax, DType::Float32, true});
+    }
   } else {
     SgdHyper h;
     h.lr = lr;
@@ -543,6 +571,9 @@ Batch make_batch(const py::dict& d, Optim optim) {
     if (h.momentum != 0.0) {
       a.momentum = get_or<bool>(d, "momentum_first", false) ? Momentum::First : Momentum::On;
       lists.push_back({"momentum_buffers", "momentum_buffer", &TensorSpan::exp_avg, a.state_dtype});
+      if (a.state_dtype == DType::Blockwise8)
+        lists.push_back({"momentum_buffer_absmaxs", "momentum_buffer_absmax", &TensorSpan::exp_avg_absmax,
+                         DType::Float32, true});
     }
   }
   if (has(d, "grad_accums")) {
@@ -838,6 +869,73 @@ void stream_pass(py::handle params, py::handle grads, py::handle exp_avgs, py::h
   active_table().stream_pass(a);
 }
 
+// --- 8-bit states on the host: the maps, and the quantizer for conversions -------------
+
+const host::QuantTable& quant_table(const std::string& map) {
+  if (map == "signed") return host::signed_table();
+  if (map == "unsigned") return host::unsigned_table();
+  throw py::value_error("invalid map: '" + map + "' (expected 'signed' or 'unsigned')");
+}
+
+py::array_t<float> qmap(const std::string& map) {
+  const host::QuantTable& t = quant_table(map);
+  py::array_t<float> out(256);
+  std::copy(t.qmap, t.qmap + 256, out.mutable_data());
+  return out;
+}
+
+// Codes (the values' shape) and absmax (one per block) of a float32 array, as a step stores them.
+py::tuple quantize_blockwise(py::handle values_obj, const std::string& map) {
+  const host::QuantTable& t = quant_table(map);
+  Namer namer;
+  namer.list_name = "values";
+  py::array values = check_buffer(values_obj, namer, nullptr, 0, false, nullptr, DType::Float32);
+  const int64_t n = values.size();
+  const int64_t blocks = (n + host::kQuantBlock - 1) / host::kQuantBlock;
+  std::vector<py::ssize_t> shape(values.shape(), values.shape() + values.ndim());
+  py::array_t<uint8_t> codes(shape);
+  py::array_t<float> absmax(blocks);
+  const float* v = static_cast<const float*>(values.data());
+  uint8_t* c = codes.mutable_data();
+  float* a = absmax.mutable_data();
+  {
+    py::gil_scoped_release release;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t i0 = b * host::kQuantBlock;
+      a[b] = host::quantize_block(v + i0, c + i0, std::min(host::kQuantBlock, n - i0), t);
+    }
+  }
+  return py::make_tuple(codes, absmax);
+}
+
+// float32 values (the codes' shape): qmap[code] * absmax of the code's block.
+py::array_t<float> dequantize_blockwise(py::handle codes_obj, py::handle absmax_obj, const std::string& map) {
+  const host::QuantTable& t = quant_table(map);
+  Namer namer;
+  namer.list_name = "codes";
+  py::array codes = check_buffer(codes_obj, namer, nullptr, 0, false, nullptr, DType::Blockwise8);
+  namer.list_name = "absmax";
+  py::array absmax = check_buffer(absmax_obj, namer, nullptr, 0, false, nullptr, DType::Float32);
+  const int64_t n = codes.size();
+  const int64_t blocks = (n + host::kQuantBlock - 1) / host::kQuantBlock;
+  if (absmax.ndim() != 1 || absmax.shape(0) != blocks)
+    throw py::value_error("absmax: shape " + shape_str(absmax) + " does not match the codes' " +
+                          std::to_string(n) + " elements (expected (" + std::to_string(blocks) + ",))");
+  std::vector<py::ssize_t> shape(codes.shape(), codes.shape() + codes.ndim());
+  py::array_t<float> out(shape);
+  const uint8_t* c = static_cast<const uint8_t*>(codes.data());
+  const float* a = static_cast<const float*>(absmax.data());
+  float* v = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t i0 = b * host::kQuantBlock;
+      host::dequantize_block(c + i0, a[b], v + i0, std::min(host::kQuantBlock, n - i0), t);
+    }
+  }
+  return out;
+}
+
 std::string openmp_description() {
 #ifdef _OPENMP
   return "OpenMP " + std::to_string(_OPENMP);
@@ -920,6 +1018,14 @@ PYBIND11_MODULE(_core, m) {
   m.def("stream_pass", &stream_pass, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
         py::arg("exp_avg_sqs"),
         "Memory-roofline proxy: reads four buffers and writes three in place, as a step does.");
+  m.def("qmap", &qmap, py::arg("map"),
+        "The 256 float32 values of the 'signed' (exp_avg, momentum_buffer) or 'unsigned'\n"
+        "(exp_avg_sq, max_exp_avg_sq) dynamic map of 8-bit states, ascending.");
+  m.def("quantize_blockwise", &quantize_blockwise, py::arg("values"), py::arg("map"),
+        "(codes, absmax) of a float32 array: blocks of 256 consecutive elements, absmax the\n"
+        "block's largest |value|, code the nearest map value to value / absmax (ties: lower).");
+  m.def("dequantize_blockwise", &dequantize_blockwise, py::arg("codes"), py::arg("absmax"),
+        py::arg("map"), "qmap[code] * absmax of each element's block, as float32.");
   m.def("build_info", &build_info, "Version, compiler, ISA levels and threading of this build.");
   m.def("get_num_threads", &num_threads, "Threads each step may use.");
   m.def(

@@ -3,8 +3,10 @@
 // the supported dtypes and flags, runs it over thread slices, exports a table.
 #include <cmath>
 #include <cstdint>
+#include <stdexcept>
 #include <type_traits>
-#if defined(__F16C__)
+#include <vector>
+#if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -24,6 +26,7 @@ namespace CPUADAM_LEVEL {
 
 #include "kernel.h"
 #include "partition.h"
+#include "quant.h"
 
 namespace {
 
@@ -268,10 +271,150 @@ void run_param(const StepArgs& a, RangeFn fn, int64_t state_size) {
   }
 }
 
+// --- 8-bit block-wise states (quant.h) ---------------------------------------------------
+// Each block of kQuantBlock elements is one tile: its codes are dequantized into
+// float32 tiles, the float32 arithmetic (the same RangeFn as float32 states)
+// steps the param from those exact values, and the new float32 moments are
+// quantized back. Threads take whole blocks, so a block is never split and the
+// bits do not depend on the thread count.
+
+struct QuantTiles {
+  alignas(64) float exp_avg[kQuantBlock];
+  alignas(64) float exp_avg_sq[kQuantBlock];
+  alignas(64) float max_exp_avg_sq[kQuantBlock];
+  alignas(64) float param[kQuantBlock];
+  alignas(64) float grad[kQuantBlock];
+};
+
+// Blocks [block0, block0 + nblocks) of one tensor.
+template <typename P, ParamUpdate kUpdate, typename G>
+void run_blocks_8bit(const TensorSpan& s, int64_t block0, int64_t nblocks, RangeFn fn,
+                     const StepScalars& sc) {
+  constexpr bool kTiledParam = !std::is_same_v<P, float>;
+  constexpr bool kTiledGrad = std::is_same_v<G, Float16>;
+  const QuantTable& signed_map = signed_table();
+  const QuantTable& unsigned_map = unsigned_table();
+  QuantTiles t;
+  // A state in flight: its codes, its absmax and the float32 tile it is stepped in.
+  struct Moment {
+    uint8_t* codes;
+    float* absmax;
+    float* tile;
+    const QuantTable* map;
+  };
+  Moment moments[3];
+  int num_moments = 0;
+  if (s.exp_avg != nullptr)
+    moments[num_moments++] = {static_cast<uint8_t*>(s.exp_avg), static_cast<float*>(s.exp_avg_absmax), t.exp_avg, &signed_map};
+  if (s.exp_avg_sq != nullptr)
+    moments[num_moments++] = {static_cast<uint8_t*>(s.exp_avg_sq), static_cast<float*>(s.exp_avg_sq_absmax), t.exp_avg_sq,
+                              &unsigned_map};
+  if (s.max_exp_avg_sq != nullptr)
+    moments[num_moments++] = {static_cast<uint8_t*>(s.max_exp_avg_sq),
+                              static_cast<float*>(s.max_exp_avg_sq_absmax),
+                              t.max_exp_avg_sq, &unsigned_map};
+  for (int64_t b = block0; b < block0 + nblocks; ++b) {
+    const int64_t i0 = b * kQuantBlock;
+    const int64_t n = s.numel - i0 < kQuantBlock ? s.numel - i0 : kQuantBlock;
+    for (int k = 0; k < num_moments; ++k)
+      dequantize_block(moments[k].codes + i0, moments[k].absmax[b], moments[k].tile, n, *moments[k].map);
+    RunPtrs r{at<float>(s.param, i0), at<G>(s.grad, i0),
+              s.exp_avg != nullptr ? t.exp_avg : nullptr,
+              s.exp_avg_sq != nullptr ? t.exp_avg_sq : nullptr,
+              s.max_exp_avg_sq != nullptr ? t.max_exp_avg_sq : nullptr,
+              at<float>(s.grad_accum, i0), at<float>(s.ema, i0)};
+    if constexpr (kTiledGrad) {
+      load_array(at<Float16>(s.grad, i0), t.grad, n);
+      r.grad = t.grad;
+    }
+    if constexpr (kTiledParam) {
+      if constexpr (kUpdate == ParamUpdate::Master) {
+        r.param = at<float>(s.master, i0);
+      } else {
+        load_param_tile<kUpdate>(at<P>(s.param, i0), at<P>(s.kahan_comp, i0), t.param, n);
+        r.param = t.param;
+      }
+    }
+    fn(r, n, s.grad_scale, sc);
+    if constexpr (kTiledParam) {
+      // Blocks never cross a multiple of 2^32 (a multiple of kQuantBlock).
+      const uint32_t hi = static_cast<uint32_t>(static_cast<uint64_t>(i0) >> 32);
+      const uint32_t key0 = static_cast<uint32_t>(s.rounding_key);
+      const uint32_t key1 = static_cast<uint32_t>(s.rounding_key >> 32) ^ mix32(hi);
+      store_param_tile<kUpdate>(r.param, at<P>(s.param, i0), at<P>(s.kahan_comp, i0), n,
+                                static_cast<uint32_t>(i0), key0, key1);
+    }
+    for (int k = 0; k < num_moments; ++k)
+      moments[k].absmax[b] = quantize_block(moments[k].tile, moments[k].codes + i0, n, *moments[k].map);
+  }
+}
+
+template <typename P, ParamUpdate kUpdate, typename G>
+void run_all_8bit(const StepArgs& a, RangeFn fn) {
+  // The concatenated range of blocks, split between threads.
+  std::vector<int64_t> block_offsets(static_cast<size_t>(a.num_tensors) + 1, 0);
+  for (int64_t t = 0; t < a.num_tensors; ++t)
+    block_offsets[t + 1] = block_offsets[t] + (a.tensors[t].numel + kQuantBlock - 1) / kQuantBlock;
+  const int64_t total = block_offsets[a.num_tensors];
+  const int num_threads = total < a.num_threads ? (total > 0 ? static_cast<int>(total) : 1) : a.num_threads;
+  auto slice = [&](int me, int team) {
+    // Whole blocks per thread (thread_slice would round to kSliceAlign blocks).
+    const int64_t per = (total + team - 1) / team;
+    Slice sl{per * me < total ? per * me : total, per * (me + 1) < total ? per * (me + 1) : total};
+    for_each_piece(block_offsets.data(), a.num_tensors, sl, [&](int64_t t, int64_t first, int64_t count) {
+      run_blocks_8bit<P, kUpdate, G>(a.tensors[t], first, count, fn, a.scalars);
+    });
+  };
+  parallel_for_threads(num_threads, slice);
+}
+
+template <typename P, typename G>
+void run_update_8bit(const StepArgs& a, RangeFn fn) {
+  if constexpr (std::is_same_v<P, float>) {
+    run_all_8bit<P, ParamUpdate::Nearest, G>(a, fn);
+  } else {
+    switch (a.param_update) {
+      case ParamUpdate::Nearest: return run_all_8bit<P, ParamUpdate::Nearest, G>(a, fn);
+      case ParamUpdate::Stochastic: return run_all_8bit<P, ParamUpdate::Stochastic, G>(a, fn);
+      case ParamUpdate::Kahan: return run_all_8bit<P, ParamUpdate::Kahan, G>(a, fn);
+      case ParamUpdate::Master: return run_all_8bit<P, ParamUpdate::Master, G>(a, fn);
+    }
+  }
+}
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// The float32-state arithmetic (S = float) run on the dequantized tiles.
+template <template <typename, typename> class Pick>
+bool step_8bit(const StepArgs& a) {
+  auto by_param = [&](auto grad_type, RangeFn fn) {
+    using G = typename decltype(grad_type)::type;
+    switch (a.param_dtype) {
+      case DType::Float32: return run_update_8bit<float, G>(a, fn);
+      case DType::BFloat16: return run_update_8bit<BFloat16, G>(a, fn);
+      case DType::Float16: return run_update_8bit<Float16, G>(a, fn);
+      case DType::Blockwise8: return;
+    }
+  };
+  switch (a.grad_dtype) {
+    case DType::Float32: by_param(TypeTag<float>{}, Pick<float, float>::fn(a)); return true;
+    case DType::BFloat16:
+      by_param(TypeTag<BFloat16>{}, Pick<BFloat16, float>::fn(a));
+      return true;
+    case DType::Float16: by_param(TypeTag<Float16>{}, Pick<float, float>::fn(a)); return true;
+    case DType::Blockwise8: return false;
+  }
+  return false;
+}
+
 // The arithmetic reads float32 or bfloat16 grads; float16 grads come as a
 // float32 tile (the level's F16C conversion), so fn is picked for G = float.
 template <template <typename, typename> class Pick>
 bool step(const StepArgs& a) {
+  if (a.state_dtype == DType::Blockwise8) return step_8bit<Pick>(a);
   if (a.state_dtype == DType::Float16) return false;
   const bool bf16_state = a.state_dtype == DType::BFloat16;
   const int64_t state_size = bf16_state ? 2 : 4;

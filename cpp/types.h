@@ -6,7 +6,10 @@
 
 namespace cpuadam {
 
-enum class DType : int { Float32 = 0, BFloat16 = 1, Float16 = 2 };
+enum class DType : int { Float32 = 0, BFloat16 = 1, Float16 = 2,
+                         // States only: uint8 codes of block-wise dynamic quantization,
+                         // one float32 absmax per kQuantBlock elements (quant.h).
+                         Blockwise8 = 3 };
 
 // How weight decay enters the step; a template parameter of the kernels.
 enum class DecayMode : int {
@@ -74,6 +77,10 @@ struct TensorSpan {
   void* ema = nullptr;             // Ema::On
   void* master = nullptr;          // ParamUpdate::Master
   void* kahan_comp = nullptr;      // ParamUpdate::Kahan
+  // DType::Blockwise8 states: one float32 absmax per block of each quantized buffer.
+  void* exp_avg_absmax = nullptr;  // SGD: the momentum buffer's
+  void* exp_avg_sq_absmax = nullptr;
+  void* max_exp_avg_sq_absmax = nullptr;
   // ParamUpdate::Stochastic: the hash of (seed, rounding_step, stream_id),
   // computed on the host; element i's rounding is keyed by (rounding_key, i).
   uint64_t rounding_key = 0;

@@ -147,3 +147,56 @@ def ulp(bits: np.ndarray, dtype: str) -> np.ndarray:
         return 2.0 ** (np.maximum(e, 1) - 127 - 7)
     e = (b >> 10) & 0x1F
     return 2.0 ** (np.maximum(e, 1) - 15 - 10)
+
+
+# --- 8-bit block-wise dynamic quantization (Dettmers et al. 2022) ---------------------------
+
+QUANT_BLOCK = 256
+
+
+def dynamic_map(signed: bool) -> np.ndarray:
+    """The 256 values of the dynamic code map, ascending, as float32.
+
+    Decade 10**-d (d = 6..0) holds the centres of 2**(6-d) (signed, each with both signs) or
+    2**(7-d) (unsigned) equal parts of [0.1, 1], times 10**-d; 0 and 1 complete the map.
+    """
+    values = {0.0, 1.0}
+    for i in range(7):
+        parts = 2**i if signed else 2 ** (i + 1)
+        for k in range(parts):
+            centre = (0.1 + 0.9 * (2 * k + 1) / (2.0 * parts)) / 10.0 ** (6 - i)
+            values.add(centre)
+            if signed:
+                values.add(-centre)
+    out = np.array(sorted(values), dtype=np.float32)
+    assert out.size == 256 and np.all(np.diff(out.astype(np.float64)) > 0)
+    return out
+
+
+def quantize_blockwise(values: np.ndarray, qmap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, absmax): absmax = the block's max |value|; code = the nearest qmap entry to
+    value / absmax (that quotient rounded to float32, as the stored state defines it),
+    found in float64 by distance; an exact tie goes to the lower code. All-zero block: the
+    code of 0."""
+    flat = np.asarray(values, dtype=np.float32).reshape(-1)
+    n = flat.size
+    blocks = -(-n // QUANT_BLOCK)
+    codes = np.empty(n, dtype=np.uint8)
+    absmax = np.empty(blocks, dtype=np.float32)
+    q = qmap.astype(np.float64)
+    for b in range(blocks):
+        v = flat[b * QUANT_BLOCK:(b + 1) * QUANT_BLOCK]
+        m = np.float32(np.max(np.abs(v))) if v.size else np.float32(0)
+        absmax[b] = m
+        x = (v / (m if m > 0 else np.float32(1))).astype(np.float32).astype(np.float64)
+        dist = np.abs(x[:, None] - q[None, :])
+        # argmin returns the first (lowest) index among equal distances: ties go down.
+        codes[b * QUANT_BLOCK:(b + 1) * QUANT_BLOCK] = np.argmin(dist, axis=1)
+    return codes.reshape(np.shape(values)), absmax
+
+
+def dequantize_blockwise(codes: np.ndarray, absmax: np.ndarray, qmap: np.ndarray) -> np.ndarray:
+    """qmap[code] * absmax of the element's block, rounded to float32 as stored."""
+    flat = np.asarray(codes).reshape(-1)
+    scale = np.repeat(np.asarray(absmax, dtype=np.float32), QUANT_BLOCK)[:flat.size]
+    return (qmap[flat].astype(np.float32) * scale).astype(np.float32).reshape(np.shape(codes))

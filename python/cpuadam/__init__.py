@@ -3,6 +3,7 @@
 
 from cpuadam._core import __version__, build_info, get_num_threads, set_num_threads
 from cpuadam import schedules
+from cpuadam._engine import dequantize_state, quantize_state
 from cpuadam.optim import SGD, Adam, AdamW, DynamicLossScale
 from cpuadam._threadpoolctl import register as _register_threadpoolctl
 
@@ -15,7 +16,9 @@ __all__ = [
     "DynamicLossScale",
     "__version__",
     "build_info",
+    "dequantize_state",
     "get_num_threads",
+    "quantize_state",
     "schedules",
     "set_num_threads",
 ]

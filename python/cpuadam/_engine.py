@@ -26,10 +26,18 @@ from cpuadam import _core
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _EPS_MODES = ("torch", "keras")
 _DECAY_MODES = ("lr", "independent")
-STATE_DTYPES = ("float32", "bfloat16")
+STATE_DTYPES = ("float32", "bfloat16", "8bit")
 PARAM_UPDATES = ("nearest", "stochastic", "kahan", "master")
 # Float dtypes the fused kernel steps, by name.
 KERNEL_DTYPES = ("float32", "bfloat16", "float16")
+# 8-bit states: the code map of each moment, and the elements per absmax.
+QUANT_MAPS = {"exp_avg": "signed", "exp_avg_sq": "unsigned", "max_exp_avg_sq": "unsigned",
+              "momentum_buffer": "signed"}
+QUANT_BLOCK = 256
+
+
+def quant_blocks(numel: int) -> int:
+    return -(-numel // QUANT_BLOCK)
 
 
 # --- checks shared by both front-ends ----------------------------------------------------
@@ -245,7 +253,7 @@ class Options:
                  weight_decay_mask: Callable[[str | None, Any], bool] | Sequence[bool] | None = None,
                  exclude_from_weight_decay: Sequence[str] | str | None = None,
                  state_dtype: str | None = "float32", param_update: str = "nearest",
-                 seed: int = 0):
+                 seed: int = 0, min_8bit_size: int = 4096):
         for value, name in ((clipnorm, "clipnorm"), (clipvalue, "clipvalue"),
                             (global_clipnorm, "global_clipnorm")):
             if value is not None:
@@ -269,6 +277,7 @@ class Options:
         if state_dtype is not None:
             check_choice(state_dtype, "state_dtype", STATE_DTYPES)
         check_choice(param_update, "param_update", PARAM_UPDATES)
+        _check_count(min_8bit_size, "min_8bit_size", 0, allow_none=False)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**31:
             raise ValueError(f"Invalid seed: {seed!r} (expected an int in [0, 2**31))")
         self.clipnorm = clipnorm
@@ -287,6 +296,8 @@ class Options:
         self.state_dtype = state_dtype
         self.param_update = param_update
         self.seed = int(seed)
+        #: Tensors with fewer elements keep float32 state when state_dtype is "8bit".
+        self.min_8bit_size = int(min_8bit_size)
 
     @property
     def has_masks(self) -> bool:
@@ -402,6 +413,10 @@ class Adapter:
 
     def float32_of(self, obj: Any) -> np.ndarray:
         """A float32 copy of a param's values."""
+        raise NotImplementedError
+
+    def from_numpy(self, arr: np.ndarray) -> Any:
+        """A new front-end buffer holding a copy of a NumPy array (8-bit states' absmax, qmap)."""
         raise NotImplementedError
 
     def get_step(self, state: dict) -> int:
@@ -600,10 +615,12 @@ class Engine:
         """Drops every plan (groups added, state loaded): the next step plans afresh."""
         self._plans.clear()
 
-    def _state_dtype(self, param_dtype: str) -> str:
+    def _state_dtype(self, param_dtype: str, numel: int | None = None) -> str:
         wanted = self.options.state_dtype
         if wanted is None:  # torch.optim's rule: moments in the param's dtype
             return param_dtype if param_dtype in STATE_DTYPES else "float32"
+        if wanted == "8bit" and numel is not None and numel < self.options.min_8bit_size:
+            return "float32"
         return wanted
 
     def buffer_dtype(self, key: str, param_dtype: str) -> str:
@@ -612,6 +629,8 @@ class Engine:
             return "float32"
         if key == "kahan_comp":
             return param_dtype
+        if key.endswith(("_absmax", "_qmap")):
+            return "float32"
         return self._state_dtype(param_dtype)
 
     def _param_update(self, param_dtype: str) -> str:
@@ -652,9 +671,15 @@ class Engine:
                 if pdtype not in KERNEL_DTYPES:
                     adapter.view(p, name)  # raises the front-end's error for this param
                     raise TypeError(f"{name}: dtype {pdtype} is not supported by the fused step")
-                sdtype = self._state_dtype(pdtype)
+                sdtype = self._state_dtype(pdtype, math.prod(p.shape))
                 update = self._param_update(pdtype)
                 wanted = list(keys)
+                if sdtype == "8bit":
+                    wanted += [sk + "_absmax" for sk in keys]
+                if st and any(st.get(sk) is not None and
+                              (st.get(sk + "_absmax") is not None) != (sdtype == "8bit") for sk in keys):
+                    st = self._convert_moments(st, keys, p, sdtype)  # a checkpoint in the other form
+                    plan.pending[skey] = st
                 if update == "master":
                     wanted.append("master_param")
                 elif update == "kahan":
@@ -669,7 +694,15 @@ class Engine:
                     st = dict(st) if st else adapter.new_state()
                     for sk in missing:
                         fill = p if sk in ("ema", "master_param") else None
-                        st[sk] = adapter.new_buffer(p, self.buffer_dtype(sk, pdtype), fill=fill)
+                        if sdtype == "8bit" and sk in QUANT_MAPS:
+                            st[sk] = adapter.new_buffer(p, "uint8")
+                            st[sk + "_qmap"] = adapter.from_numpy(_core.qmap(QUANT_MAPS[sk]))
+                        elif sk.endswith("_absmax"):
+                            st[sk] = adapter.from_numpy(np.zeros(quant_blocks(math.prod(p.shape)),
+                                                                 np.float32))
+                        else:
+                            dtype = sdtype if sk in QUANT_MAPS else self.buffer_dtype(sk, pdtype)
+                            st[sk] = adapter.new_buffer(p, dtype, fill=fill)
                     plan.pending[skey] = st
                 if rule.counts_steps:
                     if "step" not in st:
@@ -690,6 +723,28 @@ class Engine:
             self._build_lists(batch)
         return plan
 
+    def _convert_moments(self, st: dict, keys: tuple, p: Any, sdtype: str) -> dict:
+        """A copy of st whose moments are in the form sdtype asks (8-bit codes, or float
+        buffers), converted from the form a loaded checkpoint gave them."""
+        adapter = self.adapter
+        st = dict(st)
+        for sk in keys:
+            value = st.get(sk)
+            if value is None or (st.get(sk + "_absmax") is not None) == (sdtype == "8bit"):
+                continue
+            if sdtype == "8bit":
+                codes, absmax = _core.quantize_blockwise(
+                    np.ascontiguousarray(adapter.float32_of(value)), QUANT_MAPS[sk])
+                st[sk] = adapter.from_numpy(codes)
+                st[sk + "_absmax"] = adapter.from_numpy(absmax)
+                st[sk + "_qmap"] = adapter.from_numpy(_core.qmap(QUANT_MAPS[sk]))
+            else:
+                values = dequantize_moment(st, sk, adapter.view)
+                st[sk] = adapter.new_buffer(p, sdtype, fill=adapter.from_numpy(values))
+                st.pop(sk + "_absmax", None)
+                st.pop(sk + "_qmap", None)
+        return st
+
     def _build_lists(self, batch: _Batch) -> None:
         """The batch's buffer lists (views made once, reused while the plan lives)."""
         adapter = self.adapter
@@ -698,6 +753,7 @@ class Engine:
                  "max_exp_avg_sq": "max_exp_avg_sqs", "momentum_buffer": "momentum_buffers",
                  "master_param": "masters", "kahan_comp": "kahan_comps",
                  "grad_accum": "grad_accums", "ema": "emas"}
+        names.update({sk + "_absmax": sk + "_absmaxs" for sk in QUANT_MAPS})
         for sk in batch.keys:
             lists[names[sk]] = []
         if adapter.step_buffers and self.rule.counts_steps:
@@ -720,7 +776,7 @@ class Engine:
         static["clipvalue"] = self.options.clipvalue
         pdtype, gdtype, sdtype, update = batch.dtypes
         for key, name in (("param_dtype", pdtype), ("grad_dtype", gdtype), ("state_dtype", sdtype)):
-            if name != "float32" and name in KERNEL_DTYPES:
+            if name != "float32" and (name in KERNEL_DTYPES or name == "8bit"):
                 static[key] = name
         if update != "nearest":
             static["param_update"] = update
@@ -1005,12 +1061,68 @@ class Engine:
                 continue  # not a buffer: a hook's flag, kept as it is
             if arr is None:
                 continue
+            moment = key.rsplit("_", 1)[0]
+            if key.endswith(("_absmax", "_qmap")) and moment in QUANT_MAPS:
+                self._check_quant_entry(entry, key, moment, arr, name, shape, view)
+                continue
+            if moment in QUANT_MAPS or key in QUANT_MAPS:
+                if arr.dtype == np.uint8 and entry.get(key + "_absmax") is None:
+                    raise ValueError(f"loaded state '{key}' for {name} holds 8-bit codes but "
+                                     f"no '{key}_absmax'")
+                if arr.dtype == np.uint8 and tuple(arr.shape) == tuple(shape):
+                    continue
             if tuple(arr.shape) != tuple(shape):
                 raise ValueError(f"loaded state '{key}' for {name} has shape {tuple(arr.shape)}, "
                                  f"expected {tuple(shape)}")
             if arr.dtype.kind not in "fV" and not (arr.dtype.kind in "ui" and arr.itemsize == 2):
                 raise ValueError(f"loaded state '{key}' for {name} has dtype {arr.dtype}, "
                                  "expected a floating-point array")
+
+
+    @staticmethod
+    def _check_quant_entry(entry: dict, key: str, moment: str, arr: np.ndarray, name: str,
+                           shape: tuple, view: Callable) -> None:
+        """An 8-bit moment's absmax (one float32 per block) or qmap (cpuadam's map)."""
+        codes = entry.get(moment)
+        if codes is None or view(codes).dtype != np.uint8:
+            raise ValueError(f"loaded state '{key}' for {name} belongs to 8-bit codes in "
+                             f"'{moment}', which are missing")
+        if arr.dtype != np.float32:
+            raise ValueError(f"loaded state '{key}' for {name} has dtype {arr.dtype}, "
+                             "expected float32")
+        if key.endswith("_absmax"):
+            blocks = quant_blocks(math.prod(shape))
+            if arr.shape != (blocks,):
+                raise ValueError(f"loaded state '{key}' for {name} has shape {tuple(arr.shape)}, "
+                                 f"expected ({blocks},): one absmax per block of {QUANT_BLOCK}")
+        elif not np.array_equal(_values_of(entry[key]), _core.qmap(QUANT_MAPS[moment])):
+            raise ValueError(f"loaded state '{key}' for {name} is not cpuadam's "
+                             f"{QUANT_MAPS[moment]} dynamic map: convert the checkpoint with "
+                             "cpuadam.dequantize_state first")
+
+
+def _values_of(obj: Any) -> np.ndarray:
+    """A NumPy copy of an array or a CPU tensor's values (duck-typed: no torch import)."""
+    if callable(getattr(obj, "detach", None)):
+        obj = obj.detach().cpu()
+        return obj.numpy() if str(obj.dtype) in ("torch.uint8", "torch.float32") else obj.float().numpy()
+    return np.asarray(obj)
+
+
+def dequantize_moment(entry: dict, key: str, view: Callable = np.asarray) -> np.ndarray:
+    """The float32 values of an 8-bit moment: qmap[code] * absmax of the code's block."""
+    codes = np.ascontiguousarray(view(entry[key]))
+    absmax = np.ascontiguousarray(view(entry[key + "_absmax"]), dtype=np.float32)
+    qmap = entry.get(key + "_qmap")
+    if qmap is None:
+        return _core.dequantize_blockwise(codes, absmax, QUANT_MAPS[key])
+    qmap = np.asarray(view(qmap), dtype=np.float32).reshape(-1)
+    if qmap.size != 256:
+        raise ValueError(f"'{key}_qmap' has {qmap.size} values, expected 256")
+    if np.array_equal(qmap, _core.qmap(QUANT_MAPS[key])):
+        return _core.dequantize_blockwise(codes, absmax, QUANT_MAPS[key])
+    scale = np.repeat(absmax, QUANT_BLOCK)[:codes.size].reshape(codes.shape)
+    return (qmap[codes] * scale).astype(np.float32)
 
 
 def check_step_value(value: Any, name: str) -> int:
@@ -1030,3 +1142,68 @@ def check_step_value(value: Any, name: str) -> int:
     if not math.isfinite(v) or v < 0 or v != math.floor(v) or v >= 2.0**53:
         raise ValueError(f"loaded {name} is {value!r}; expected a whole number in [0, 2**53)")
     return int(v)
+
+
+# --- conversions of checkpoints between 8-bit and float32 states ---------------------------
+
+def _like(template: Any, arr: np.ndarray) -> Any:
+    """arr as the kind of object template is: a torch tensor for a tensor, else NumPy."""
+    if callable(getattr(template, "detach", None)):
+        import torch  # only reached with torch tensors in hand
+        return torch.from_numpy(np.array(arr, order="C"))
+    return np.array(arr, order="C")
+
+
+def _map_state(state_dict: dict, convert: Callable[[dict], dict]) -> dict:
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict):
+        raise ValueError("state_dict must be a dict with a 'state' dict")
+    out = dict(state_dict)
+    out["state"] = {k: convert(dict(v)) if isinstance(v, dict) else v
+                    for k, v in state_dict["state"].items()}
+    return out
+
+
+def dequantize_state(state_dict: dict) -> dict:
+    """A copy of an optimizer state_dict whose 8-bit moments are float32 buffers.
+
+    Every moment stored as codes (``exp_avg`` + ``exp_avg_absmax`` + ``exp_avg_qmap``, and
+    likewise ``exp_avg_sq``, ``max_exp_avg_sq``, ``momentum_buffer``) becomes the float32
+    values it stands for, qmap[code] * absmax, and its ``_absmax``/``_qmap`` entries go: the
+    layout of torch.optim's checkpoints. Works on both front-ends' state_dicts (NumPy arrays
+    or torch tensors); the input is not changed.
+    """
+    def convert(entry: dict) -> dict:
+        for key in QUANT_MAPS:
+            if entry.get(key) is not None and entry.get(key + "_absmax") is not None:
+                values = dequantize_moment({k: _values_of(entry[k]) for k in
+                                            (key, key + "_absmax", key + "_qmap") if k in entry}, key)
+                entry[key] = _like(entry[key], values)
+                entry.pop(key + "_absmax")
+                entry.pop(key + "_qmap", None)
+        return entry
+    return _map_state(state_dict, convert)
+
+
+def quantize_state(state_dict: dict, min_8bit_size: int = 4096) -> dict:
+    """A copy of an optimizer state_dict whose float moments are 8-bit, as
+    ``state_dtype="8bit"`` stores them (moments of fewer than ``min_8bit_size`` elements stay
+    as they are). The inverse of dequantize_state up to the quantization; a checkpoint of
+    torch.optim.AdamW loads into an 8-bit optimizer directly too (it quantizes at its first
+    step), so this is for writing 8-bit checkpoints.
+    """
+    _check_count(min_8bit_size, "min_8bit_size", 0, allow_none=False)
+
+    def convert(entry: dict) -> dict:
+        for key in QUANT_MAPS:
+            value = entry.get(key)
+            if value is None or entry.get(key + "_absmax") is not None:
+                continue
+            values = np.ascontiguousarray(_values_of(value), dtype=np.float32)
+            if values.size < min_8bit_size:
+                continue
+            codes, absmax = _core.quantize_blockwise(values, QUANT_MAPS[key])
+            entry[key] = _like(value, codes)
+            entry[key + "_absmax"] = _like(value, absmax)
+            entry[key + "_qmap"] = _like(value, _core.qmap(QUANT_MAPS[key]))
+        return entry
+    return _map_state(state_dict, convert)

@@ -50,6 +50,9 @@ class _NumpyAdapter(Adapter):
     def float32_of(self, obj: np.ndarray) -> np.ndarray:
         return obj.astype(np.float32)
 
+    def from_numpy(self, arr: np.ndarray) -> np.ndarray:
+        return np.array(arr, order="C")
+
     def state_keys(self, groups: list[dict]) -> list[int]:
         return list(range(sum(len(g["params"]) for g in groups)))
 
@@ -193,7 +196,10 @@ class Optimizer:
                 out[key] = check_step_value(value, "'step'")
             elif value is not None:
                 arr = np.asarray(value)
-                out[key] = buffer_like(param, arr, dtype=arr.dtype.name)
+                if key.endswith(("_absmax", "_qmap")):  # 8-bit states: not of the param's shape
+                    out[key] = np.array(arr, dtype=np.float32, order="C")
+                else:
+                    out[key] = buffer_like(param, arr, dtype=arr.dtype.name)
         return out
 
 

@@ -22,9 +22,13 @@ __all__ = ["Adam", "AdamW", "SGD", "DynamicLossScale", "StepInBackward", "step_i
 _EXTRA_DEFAULTS = {"eps_mode": "torch", "decay_mode": "lr"}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _TORCH_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+_TORCH_DTYPES["uint8"] = torch.uint8  # 8-bit states' codes
 # State entries that are optimizer buffers (load_state_dict keeps their dtype).
 _BUFFERS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "master_param",
             "kahan_comp", "grad_accum", "ema")
+# 8-bit states' companions: float32 whatever the param's dtype.
+_QUANT_BUFFERS = tuple(f"{k}_{part}" for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq",
+                                                "momentum_buffer") for part in ("absmax", "qmap"))
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -115,7 +119,7 @@ class _TorchAdapter(Adapter):
                              "e.g. with module.to_empty(device='cpu'), before a step)")
         if t.dtype is torch.bfloat16:
             t = t.view(torch.int16)
-        elif t.dtype not in _DTYPE_NAMES:
+        elif t.dtype not in _DTYPE_NAMES and t.dtype is not torch.uint8:  # uint8: 8-bit codes
             raise TypeError(f"{name} is {t.dtype}; expected torch.float32, torch.bfloat16 or "
                             "torch.float16")
         self._check_storage(t, name)
@@ -193,6 +197,9 @@ class _TorchAdapter(Adapter):
 
     def float32_of(self, t: torch.Tensor) -> np.ndarray:
         return t.detach().float().numpy()
+
+    def from_numpy(self, arr: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.array(arr, order="C"))
 
     def state_keys(self, groups: list[dict]) -> list:
         return [p for g in groups for p in g["params"]]
@@ -324,10 +331,13 @@ class _CoreOptimizer(EngineUser, Optimizer):
             if pdtype is None or not isinstance(entry, dict):
                 continue
             p_state = self.state[p]
-            for key in _BUFFERS:
+            for key in _BUFFERS + _QUANT_BUFFERS:
                 value = entry.get(key)
                 if isinstance(value, torch.Tensor):
-                    dtype = _TORCH_DTYPES[engine.buffer_dtype(key, pdtype)]
+                    # 8-bit codes stay uint8; a float moment loaded into an 8-bit optimizer
+                    # stays float32 until the next step quantizes it.
+                    name = "uint8" if value.dtype is torch.uint8 else engine.buffer_dtype(key, pdtype)
+                    dtype = _TORCH_DTYPES.get(name, torch.float32)
                     p_state[key] = value.detach().to(device="cpu", dtype=dtype,
                                                      copy=True).contiguous()
         apply_extra()
@@ -474,7 +484,9 @@ class _AdamBase(_CoreOptimizer):
         # Zeros, step 0: exactly what a first step would start from.
         if not self.state.get(p):
             state = self._engine.adapter.new_state()
-            sdtype = self._engine._state_dtype(self._engine.adapter.dtype_name(p))
+            sdtype = self._engine._state_dtype(self._engine.adapter.dtype_name(p), p.numel())
+            if sdtype == "8bit":
+                return  # codes, absmax and maps are made by the first step
             for key in self._engine.rule.state_keys(group):
                 state[key] = self._engine.adapter.new_buffer(p, sdtype)
             self.state[p] = state
