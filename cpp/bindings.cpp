@@ -14,6 +14,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 #include "dispatch.h"
@@ -32,6 +33,24 @@ namespace host {
 #include "quant.h"
 }  // namespace host
 namespace {
+
+// Batch keys as interned Python strings, made once (with the GIL held): a step
+// looks up about thirty keys per batch, and building each key anew cost more than
+// the lookup itself.
+PyObject* key_object(const char* key) {
+  static std::unordered_map<std::string, PyObject*> keys;
+  auto it = keys.find(key);
+  if (it != keys.end()) return it->second;
+  PyObject* s = PyUnicode_InternFromString(key);
+  if (s == nullptr) throw py::error_already_set();
+  keys.emplace(key, s);
+  return s;
+}
+
+// d[key] as a borrowed handle, or a null handle when the key is absent.
+py::handle lookup(const py::dict& d, const char* key) {
+  return py::handle(PyDict_GetItem(d.ptr(), key_object(key)));
+}
 
 std::string shape_str(const py::array& a) {
   std::string s = "(";
@@ -258,8 +277,9 @@ Buffers validate(const py::dict& d, const std::vector<StateList>& lists, Namer n
   b.namer = std::make_shared<const Namer>(std::move(namer_value));
   const Namer& namer = *b.namer;
   auto field = [&d](const char* key) -> py::handle {
-    if (!d.contains(key)) throw py::value_error(std::string("batch is missing '") + key + "'");
-    return d[key];
+    py::handle h = lookup(d, key);
+    if (!h) throw py::value_error(std::string("batch is missing '") + key + "'");
+    return h;
   };
   py::sequence params = as_list(field("params"), "params");
   py::sequence grads = as_list(field("grads"), "grads");
@@ -380,8 +400,9 @@ uint64_t rounding_key(int64_t seed, int64_t rounding_step, int64_t stream_id) {
 }
 
 double get_double(const py::dict& d, const char* key) {
-  if (!d.contains(key)) throw py::value_error(std::string("batch is missing '") + key + "'");
-  py::handle h = d[key];
+  py::handle h = lookup(d, key);
+  if (!h) throw py::value_error(std::string("batch is missing '") + key + "'");
+  if (PyFloat_CheckExact(h.ptr())) return PyFloat_AS_DOUBLE(h.ptr());
   if (py::isinstance<py::bool_>(h) || !(py::isinstance<py::float_>(h) || py::isinstance<py::int_>(h) ||
                                         py::hasattr(h, "__float__")))
     throw py::type_error(std::string(key) + ": expected a real number, got " +
@@ -392,14 +413,15 @@ double get_double(const py::dict& d, const char* key) {
 // Typed lookups of optional batch keys: a wrong type is a TypeError naming the key.
 template <typename T>
 T get_or(const py::dict& d, const char* key, T fallback) {
-  if (!d.contains(key) || d[key].is_none()) return fallback;
-  py::handle h = d[key];
+  py::handle h = lookup(d, key);
+  if (!h || h.is_none()) return fallback;
   const char* expected = "a value of the right type";
   if constexpr (std::is_same_v<T, bool>) {
     expected = "a bool";
     if (py::isinstance<py::bool_>(h)) return h.cast<bool>();
   } else if constexpr (std::is_integral_v<T>) {
     expected = "an int";
+    if (PyLong_CheckExact(h.ptr())) return h.cast<T>();
     if (!py::isinstance<py::bool_>(h) && py::hasattr(h, "__index__")) return h.cast<T>();
   } else if constexpr (std::is_same_v<T, std::string>) {
     expected = "a str";
@@ -417,7 +439,10 @@ T get_or(const py::dict& d, const char* key, T fallback) {
                        std::string(py::str(py::type::of(h).attr("__name__"))));
 }
 
-bool has(const py::dict& d, const char* key) { return d.contains(key) && !d[key].is_none(); }
+bool has(const py::dict& d, const char* key) {
+  py::handle h = lookup(d, key);
+  return h && !h.is_none();
+}
 
 std::string get_or_str(const py::dict& d, const char* key, const char* fallback) {
   return get_or<std::string>(d, key, fallback);
