@@ -59,6 +59,7 @@ struct Job {
   ThreadFn fn = nullptr;
   void* ctx = nullptr;
   int num_threads = 1;
+  uint64_t generation = 0;
 };
 
 // One worker: the caller bumps `ticket` to hand it the current job.
@@ -71,9 +72,18 @@ struct Worker {
 
 struct Pool {
   std::mutex busy;  // held by the caller of the running job
+  // The current job, read by a worker under job_m: a worker woken late may read
+  // it while the caller already posts the next one.
+  std::mutex job_m;
   Job job;
   uint64_t generation = 0;
-  std::atomic<int> remaining{0};
+  // The next slice to claim, with the job's generation in the high bits: any
+  // thread (caller or worker) takes any slice, so a worker that is slow to be
+  // scheduled (torch's threads spinning on the other cores) never holds up the
+  // step: the caller takes its slice instead. Each slice computes the same
+  // elements whoever runs it, so the results do not change.
+  std::atomic<uint64_t> cursor{0};
+  std::atomic<int> remaining{0};  // slices not yet finished
   std::mutex done_m;
   std::condition_variable done_cv;
   // Workers 1..n-1 (index 0 is unused: the caller is thread 0). Grown only
@@ -87,6 +97,25 @@ struct Pool {
 // maybe held) is abandoned rather than touched.
 std::atomic<Pool*> g_pool{nullptr};
 
+// Claims slices of `job` until none is left (or the pool has moved on to a later
+// job: the generation in the cursor differs), running each.
+void run_slices(Pool* pool, const Job& job) {
+  for (;;) {
+    uint64_t c = pool->cursor.load(std::memory_order_acquire);
+    int slice;
+    do {
+      slice = static_cast<int>(c & 0xFFFFu);
+      if ((c >> 16) != job.generation || slice >= job.num_threads) return;
+    } while (!pool->cursor.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel));
+    job.fn(job.ctx, slice, job.num_threads);
+    if (pool->remaining.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      // Taking the mutex orders this notify after the caller's predicate check.
+      { std::lock_guard<std::mutex> lock(pool->done_m); }
+      pool->done_cv.notify_one();
+    }
+  }
+}
+
 void work(Pool* pool, Worker* self, int index) {
   uint64_t seen = 0;
   for (;;) {
@@ -95,13 +124,13 @@ void work(Pool* pool, Worker* self, int index) {
       self->cv.wait(lock, [&] { return self->ticket.load(std::memory_order_acquire) != seen; });
     }
     seen = self->ticket.load(std::memory_order_acquire);
-    const Job job = pool->job;  // published before the ticket (release/acquire)
-    job.fn(job.ctx, index, job.num_threads);
-    if (pool->remaining.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-      // Taking the mutex orders this notify after the caller's predicate check.
-      { std::lock_guard<std::mutex> lock(pool->done_m); }
-      pool->done_cv.notify_one();
+    Job job;
+    {
+      std::lock_guard<std::mutex> lock(pool->job_m);
+      job = pool->job;
     }
+    (void)index;
+    run_slices(pool, job);
   }
 }
 
@@ -154,16 +183,21 @@ void parallel_run(int num_threads, ThreadFn fn, void* ctx) {
       }
     }
   }
-  p->job = Job{fn, ctx, num_threads};
   ++p->generation;
-  p->remaining.store(num_threads - 1, std::memory_order_relaxed);
+  const Job job{fn, ctx, num_threads, p->generation & 0xFFFFFFFFFFFFull};
+  p->remaining.store(num_threads, std::memory_order_relaxed);
+  {
+    std::lock_guard<std::mutex> lock(p->job_m);
+    p->job = job;
+  }
+  p->cursor.store(job.generation << 16, std::memory_order_release);
   for (int t = 1; t < num_threads; ++t) {
     Worker& w = *p->workers[t];
     w.ticket.store(p->generation, std::memory_order_release);
     { std::lock_guard<std::mutex> lock(w.m); }
     w.cv.notify_one();
   }
-  fn(ctx, 0, num_threads);
+  run_slices(p, job);
   auto all_done = [&] { return p->remaining.load(std::memory_order_acquire) == 0; };
   if (!spin_until(all_done)) {
     std::unique_lock<std::mutex> lock(p->done_m);
