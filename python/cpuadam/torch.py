@@ -137,12 +137,19 @@ class _TorchAdapter(Adapter):
                              f"the tensor needs {needed} (freed or resized storage)")
 
     def grad_view(self, grad: torch.Tensor, param: torch.Tensor, gi: int, pi: int) -> np.ndarray:
-        if grad.is_cpu and grad.layout is torch.strided and grad.shape == param.shape and \
-                grad.dtype in _DTYPE_NAMES and not grad.requires_grad and grad.is_contiguous():
-            if grad.dtype is torch.bfloat16:
-                grad = grad.view(torch.int16)
-            self._check_storage(grad, (gi, pi))
-            return grad.numpy()
+        # The common case in as few tensor calls as possible: .numpy() itself refuses a
+        # grad off the CPU, sparse or requiring grad (then the checked path words it).
+        dtype = grad.dtype
+        if (dtype is torch.float32 or dtype is torch.float16) and grad.shape == param.shape \
+                and grad.is_contiguous():
+            try:
+                view = grad.numpy()
+            except (RuntimeError, TypeError):
+                return self._checked_grad_view(grad, param, param_name(gi, pi))
+            # A storage freed or shrunk under the grad: its memory is not the grad's.
+            if grad.untyped_storage().nbytes() < view.nbytes + grad.storage_offset() * view.itemsize:
+                self._check_storage(grad, (gi, pi))
+            return view
         return self._checked_grad_view(grad, param, param_name(gi, pi))
 
     def _checked_grad_view(self, grad: torch.Tensor, param: torch.Tensor, name: str) -> np.ndarray:
