@@ -430,3 +430,23 @@ def test_step_in_backward_advances_a_schedule_once_per_backward():
     for _ in range(3):
         model(torch.ones(2, 3)).sum().backward()
     assert handle.optimizer.iterations == 3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"betas": (torch.tensor(0.9), 0.999)}, "betas must be either both floats or both Tensors"),
+    ({"lr": torch.tensor([1e-3, 2e-3])}, "Tensor lr must be 1-element"),
+])
+def test_the_same_misuse_gets_torchs_words(kwargs, message):
+    for cls in (ct.AdamW, torch.optim.AdamW):
+        with pytest.raises(ValueError, match=message):
+            cls([torch.nn.Parameter(torch.ones(2))], **kwargs)
+
+
+def test_tensor_betas_step_like_float_betas():
+    a, b = torch.nn.Parameter(torch.ones(5)), torch.nn.Parameter(torch.ones(5))
+    oa = ct.AdamW([a], betas=(torch.tensor(0.8), torch.tensor(0.99)))
+    ob = ct.AdamW([b], betas=(0.8, 0.99))
+    for opt, p in ((oa, a), (ob, b)):
+        p.grad = torch.linspace(-1, 1, 5)
+        opt.step()
+    assert torch.equal(a, b)
