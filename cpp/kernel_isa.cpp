@@ -189,6 +189,18 @@ constexpr int64_t kTile = 512;
 
 // Steps [first, first + count) of one tensor. float32 params with float32 or
 // bfloat16 grads run in place; otherwise tile by tile: convert in, step, store.
+// A stepped float32 tile of n elements from element i0 back into a 16-bit param.
+// Stochastic rounding keys element i by i0 + i; a run never crosses a multiple of
+// 2^32, whose high part is folded into the key.
+template <ParamUpdate kUpdate, typename P>
+void store_param_run(const float* tile, const TensorSpan& s, int64_t i0, int64_t n) {
+  const uint32_t hi = static_cast<uint32_t>(static_cast<uint64_t>(i0) >> 32);
+  const uint32_t key0 = static_cast<uint32_t>(s.rounding_key);
+  const uint32_t key1 = static_cast<uint32_t>(s.rounding_key >> 32) ^ mix32(hi);
+  store_param_tile<kUpdate>(tile, at<P>(s.param, i0), at<P>(s.kahan_comp, i0), n,
+                            static_cast<uint32_t>(i0), key0, key1);
+}
+
 template <typename P, ParamUpdate kUpdate, typename G>
 void run_tensor(const TensorSpan& s, int64_t first, int64_t count, RangeFn fn, int64_t state_size,
                 const StepScalars& sc) {
@@ -225,13 +237,7 @@ void run_tensor(const TensorSpan& s, int64_t first, int64_t count, RangeFn fn, i
         }
       }
       fn(r, n, s.grad_scale, sc);
-      if constexpr (kTiledParam) {
-        const uint32_t hi = static_cast<uint32_t>(static_cast<uint64_t>(i0) >> 32);
-        const uint32_t key0 = static_cast<uint32_t>(s.rounding_key);
-        const uint32_t key1 = static_cast<uint32_t>(s.rounding_key >> 32) ^ mix32(hi);
-        store_param_tile<kUpdate>(r.param, at<P>(s.param, i0), at<P>(s.kahan_comp, i0), n,
-                                  static_cast<uint32_t>(i0), key0, key1);
-      }
+      if constexpr (kTiledParam) store_param_run<kUpdate, P>(r.param, s, i0, n);
       i0 += n;
     }
   }
@@ -336,14 +342,8 @@ void run_blocks_8bit(const TensorSpan& s, int64_t block0, int64_t nblocks, Range
       }
     }
     fn(r, n, s.grad_scale, sc);
-    if constexpr (kTiledParam) {
-      // Blocks never cross a multiple of 2^32 (a multiple of kQuantBlock).
-      const uint32_t hi = static_cast<uint32_t>(static_cast<uint64_t>(i0) >> 32);
-      const uint32_t key0 = static_cast<uint32_t>(s.rounding_key);
-      const uint32_t key1 = static_cast<uint32_t>(s.rounding_key >> 32) ^ mix32(hi);
-      store_param_tile<kUpdate>(r.param, at<P>(s.param, i0), at<P>(s.kahan_comp, i0), n,
-                                static_cast<uint32_t>(i0), key0, key1);
-    }
+    // Blocks never cross a multiple of 2^32 (a multiple of kQuantBlock).
+    if constexpr (kTiledParam) store_param_run<kUpdate, P>(r.param, s, i0, n);
     for (int k = 0; k < num_moments; ++k)
       moments[k].absmax[b] = quantize_block(moments[k].tile, moments[k].codes + i0, n, *moments[k].map);
   }
