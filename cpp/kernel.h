@@ -35,47 +35,36 @@
 // q + c follows the float32 trajectory to about one ulp of c, well within one
 // ulp of q's dtype. ema, decay and L2 see p (the compensated value, the master).
 //
-// The loops are plain C++ that GCC vectorises under each level's flags; the
-// remainder is the same source run one lane at a time, so body and tail round
-// identically and results never depend on where a thread's slice begins.
+// Each loop body is written once, over a lane type (lanes.h): eight float32
+// lanes where the level has AVX2, one lane for the remainder and on the other
+// levels (which GCC vectorises under their flags). Both round identically, so
+// results never depend on where a thread's slice begins.
 // Included only from kernel_isa.cpp, inside its per-level namespace.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "convert.h"
-
-// a * b + c, fused where this level has hardware FMA (MSVC's /arch:AVX2 and
-// AVX512 imply it but define no __FMA__). There std::fma is one instruction;
-// on baseline x86-64 it would be a library call. -ffp-contract=off keeps the
-// unfused form from being fused behind our back, so every level rounds
-// deterministically.
-inline float madd(float a, float b, float c) {
-#if defined(__FMA__) || (defined(_MSC_VER) && defined(__AVX2__)) || defined(__aarch64__) || \
-    defined(_M_ARM64)
-  return std::fma(a, b, c);
-#else
-  return a * b + c;
-#endif
-}
+#include "lanes.h"
 
 // Written as compare-and-select so a NaN grad stays NaN (and is caught by the
 // finiteness check) instead of being clipped to a finite value.
-inline float clip(float g, float limit) {
-  g = g > limit ? limit : g;
-  return g < -limit ? -limit : g;
+template <typename L>
+inline L clip(L g, float limit) {
+  return max_of(L(-limit), min_of(L(limit), g));
 }
 
 // The gradient as the update sees it: accumulated, scaled, clipped (GradInput).
-template <GradInput kGrad, typename G>
-inline float effective_grad(const G* __restrict grad, float* __restrict grad_accum, int64_t i,
-                            float scale, float clip_value) {
-  float g = load_float(grad[i]);
+template <GradInput kGrad, typename L, typename G>
+inline L effective_grad(L lane, const G* __restrict grad, float* __restrict grad_accum, int64_t i,
+                        float scale, float clip_value) {
+  L g = load_lanes(lane, grad + i);
   if constexpr (kGrad == GradInput::Raw) return g;
   if constexpr (kGrad == GradInput::Accumulated) {
-    g = grad_accum[i] + g;
-    grad_accum[i] = 0.f;
+    g = load_lanes(lane, grad_accum + i) + g;
+    store_lanes(grad_accum + i, L(0.f));
   }
   return clip(g * scale, clip_value);
 }
@@ -93,31 +82,32 @@ inline void adam_range(P* __restrict param, const G* __restrict grad, S* __restr
   const float eps = sc.eps, weight_decay = sc.weight_decay;
   const float decay_factor = sc.decay_factor, clip_value = sc.clip_value;
   const float ema_momentum = sc.ema_momentum, one_minus_ema = sc.one_minus_ema_momentum;
-#pragma GCC ivdep
-  for (int64_t i = 0; i < n; ++i) {
-    float p = load_float(param[i]);
-    float g = effective_grad<kGrad>(grad, grad_accum, i, grad_scale, clip_value);
+  // Every load comes before the first store: a load issued after a store to an
+  // address with the same low 12 bits (page-aligned buffers) can stall on a
+  // false dependency.
+  for_lanes(n, [&](auto lane, int64_t i) {
+    using L = decltype(lane);
+    L p = load_lanes(lane, param + i);
+    L g = effective_grad<kGrad>(lane, grad, grad_accum, i, grad_scale, clip_value);
     if constexpr (kDecay == DecayMode::L2) g = madd(weight_decay, p, g);
     // torch's (and DESIGN's) form. p - (lr*wd)*p would round the decay more
     // finely, but would no longer follow torch.optim.AdamW step for step.
     if constexpr (kDecay == DecayMode::Decoupled) p = p * decay_factor;
-    const float m_old = load_float(exp_avg[i]);
-    const float m = madd(lerp_coef, g - m_old, lerp_from_grad ? g : m_old);
-    const float v = madd(one_minus_beta2 * g, g, beta2 * load_float(exp_avg_sq[i]));
-    float v_used = v;
-    if constexpr (kAmsgrad == Amsgrad::On) {
-      const float vmax = load_float(max_exp_avg_sq[i]);
-      v_used = vmax > v ? vmax : v;
-      max_exp_avg_sq[i] = store_float<S>(v_used);
-    }
-    const float denom = std::sqrt(v_used) + eps;
+    const L m_old = load_lanes(lane, exp_avg + i);
+    const L m = madd(lerp_coef, g - m_old, lerp_from_grad ? g : m_old);
+    const L v = madd(one_minus_beta2 * g, g, beta2 * load_lanes(lane, exp_avg_sq + i));
+    L v_used = v;
+    if constexpr (kAmsgrad == Amsgrad::On) v_used = max_of(load_lanes(lane, max_exp_avg_sq + i), v);
+    L ema_old = 0.f;
+    if constexpr (kEma == Ema::On) ema_old = load_lanes(lane, ema + i);
+    const L denom = lane_sqrt(v_used) + eps;
     p = madd(neg_step_size, m / denom, p);
-    exp_avg[i] = store_float<S>(m);
-    exp_avg_sq[i] = store_float<S>(v);
-    param[i] = store_float<P>(p);
-    if constexpr (kEma == Ema::On)
-      ema[i] = madd(ema_momentum, ema[i], one_minus_ema * p);
-  }
+    if constexpr (kAmsgrad == Amsgrad::On) store_lanes(max_exp_avg_sq + i, v_used);
+    store_lanes(exp_avg + i, m);
+    store_lanes(exp_avg_sq + i, v);
+    store_lanes(param + i, p);
+    if constexpr (kEma == Ema::On) store_lanes(ema + i, madd(ema_momentum, ema_old, one_minus_ema * p));
+  });
 }
 
 template <DecayMode kDecay, Momentum kMomentum, Nesterov kNesterov, GradInput kGrad,
@@ -128,29 +118,31 @@ inline void sgd_range(P* __restrict param, const G* __restrict grad, S* __restri
   const float neg_lr = -sc.step_size, weight_decay = sc.weight_decay, clip_value = sc.clip_value;
   const float momentum = sc.momentum, one_minus_dampening = sc.one_minus_dampening;
   const float ema_momentum = sc.ema_momentum, one_minus_ema = sc.one_minus_ema_momentum;
-#pragma GCC ivdep
-  for (int64_t i = 0; i < n; ++i) {
-    float p = load_float(param[i]);
-    float g = effective_grad<kGrad>(grad, grad_accum, i, grad_scale, clip_value);
+  for_lanes(n, [&](auto lane, int64_t i) {
+    using L = decltype(lane);
+    L p = load_lanes(lane, param + i);
+    L g = effective_grad<kGrad>(lane, grad, grad_accum, i, grad_scale, clip_value);
     if constexpr (kDecay == DecayMode::L2) g = madd(weight_decay, p, g);
+    L ema_old = 0.f;
+    if constexpr (kEma == Ema::On) ema_old = load_lanes(lane, ema + i);
     if constexpr (kMomentum != Momentum::Off) {
-      float b = g;  // torch starts the buffer as a copy of the first d_p
+      L b = g;  // torch starts the buffer as a copy of the first d_p
       if constexpr (kMomentum == Momentum::On)
-        b = madd(one_minus_dampening, g, momentum * load_float(momentum_buffer[i]));
-      momentum_buffer[i] = store_float<S>(b);
+        b = madd(one_minus_dampening, g, momentum * load_lanes(lane, momentum_buffer + i));
+      store_lanes(momentum_buffer + i, b);
       g = kNesterov == Nesterov::On ? madd(momentum, b, g) : b;
     }
     p = madd(neg_lr, g, p);
-    param[i] = store_float<P>(p);
-    if constexpr (kEma == Ema::On)
-      ema[i] = madd(ema_momentum, ema[i], one_minus_ema * p);
-  }
+    store_lanes(param + i, p);
+    if constexpr (kEma == Ema::On) store_lanes(ema + i, madd(ema_momentum, ema_old, one_minus_ema * p));
+  });
 }
 
 template <typename G>
 inline void accumulate_range(const G* __restrict grad, float* __restrict grad_accum, int64_t n) {
-#pragma GCC ivdep
-  for (int64_t i = 0; i < n; ++i) grad_accum[i] = grad_accum[i] + load_float(grad[i]);
+  for_lanes(n, [&](auto lane, int64_t i) {
+    store_lanes(grad_accum + i, load_lanes(lane, grad_accum + i) + load_lanes(lane, grad + i));
+  });
 }
 
 // Sum of squares of one block in double. Element i always lands in lane
@@ -186,12 +178,11 @@ inline double block_sum_squares(const G* __restrict grad, const float* __restric
 template <ParamUpdate kUpdate, typename P>
 inline void load_param_tile(const P* __restrict param, const P* __restrict kahan_comp,
                             float* __restrict tile, int64_t n) {
-  if constexpr (kUpdate == ParamUpdate::Kahan) {
-#pragma GCC ivdep
-    for (int64_t i = 0; i < n; ++i) tile[i] = load_float(param[i]) + load_float(kahan_comp[i]);
-  } else {
-    load_array(param, tile, n);
-  }
+  for_lanes(n, [&](auto lane, int64_t i) {
+    auto p = load_lanes(lane, param + i);
+    if constexpr (kUpdate == ParamUpdate::Kahan) p = p + load_lanes(lane, kahan_comp + i);
+    store_lanes(tile + i, p);
+  });
 }
 
 // The stepped float32 values (a tile, or the master) back into the param.
@@ -201,23 +192,25 @@ template <ParamUpdate kUpdate, typename P>
 inline void store_param_tile(const float* __restrict tile, P* __restrict param,
                              P* __restrict kahan_comp, int64_t n, uint32_t index0, uint32_t key0,
                              uint32_t key1) {
-  if constexpr (kUpdate == ParamUpdate::Stochastic) {
-#pragma GCC ivdep
+  if constexpr (kUpdate == ParamUpdate::Stochastic && std::is_same_v<P, BFloat16>) {
+    for_lanes(n, [&](auto lane, int64_t i) {
+      store_stochastic_lanes(param + i, load_lanes(lane, tile + i),
+                             index0 + static_cast<uint32_t>(i), key0, key1);
+    });
+  } else if constexpr (kUpdate == ParamUpdate::Stochastic) {
+    // float16's subnormal branch has no eight-lane form here: one at a time.
     for (int64_t i = 0; i < n; ++i)
-      param[i] = store_stochastic<P>(
-          tile[i], rounding_bits(index0 + static_cast<uint32_t>(i), key0, key1));
-  } else if constexpr (kUpdate == ParamUpdate::Kahan) {
-#pragma GCC ivdep
-    for (int64_t i = 0; i < n; ++i) {
-      const P q = store_float<P>(tile[i]);
-      const float stored = load_float(q);
-      // An inf or NaN param has nothing to compensate (inf - inf would be NaN).
-      const float lost = stored - stored == 0.f ? tile[i] - stored : 0.f;
-      param[i] = q;
-      kahan_comp[i] = store_float<P>(lost);
-    }
+      store_stochastic_lanes(param + i, tile[i], index0 + static_cast<uint32_t>(i), key0, key1);
   } else {
-    store_array(tile, param, n);
+    for_lanes(n, [&](auto lane, int64_t i) {
+      const auto x = load_lanes(lane, tile + i);
+      store_lanes(param + i, x);
+      if constexpr (kUpdate == ParamUpdate::Kahan) {
+        const auto stored = load_lanes(lane, param + i);
+        // An inf or NaN param has nothing to compensate (inf - inf would be NaN).
+        store_lanes(kahan_comp + i, keep_if_finite(stored, x - stored));
+      }
+    });
   }
 }
 

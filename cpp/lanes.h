@@ -1,0 +1,170 @@
+// SPDX-License-Identifier: MIT
+// The arithmetic's value types: float (one lane) and, where the level has AVX2,
+// F8 (eight float32 lanes in a __m256), with the same operations on both.
+//
+// kernel.h writes each per-element update once, as a generic lambda over the
+// lane type, and runs it eight elements at a time with F8 and one at a time
+// with float for the remainder. Both do the same IEEE operations in the same
+// order (add, mul, div, sqrt rounded to nearest; madd fused on both, as every
+// level with AVX2 has FMA; max_of/min_of as the compare-and-select below), so a
+// remainder element gets the bits a vector lane would, whatever the vector width.
+//
+// Why intrinsics rather than GCC's vectoriser: the vectoriser turns the 16-bit
+// loads and stores of bfloat16/float16 storage into long sequences of shuffles
+// (about 1 ns an element on the 2-core Zen 4 these kernels were tuned on, as
+// much as the whole float32 step); here a bfloat16 load is one widening
+// instruction and a shift, a store six integer operations and a pack.
+// Included only from kernel_isa.cpp, inside its per-level namespace.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+// a * b + c, fused where this level has hardware FMA (MSVC's /arch:AVX2 and
+// AVX512 imply it but define no __FMA__). There std::fma is one instruction;
+// on baseline x86-64 it would be a library call. -ffp-contract=off keeps the
+// unfused form from being fused behind our back, so every level rounds
+// deterministically.
+inline float madd(float a, float b, float c) {
+#if defined(__FMA__) || (defined(_MSC_VER) && defined(__AVX2__)) || defined(__aarch64__) || \
+    defined(_M_ARM64)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+inline float lane_sqrt(float x) { return std::sqrt(x); }
+
+// Compare-and-select, NaN-aware in a fixed way: when either is NaN (or they
+// are equal) the second operand is returned, exactly as x86's max/min do.
+inline float max_of(float a, float b) { return a > b ? a : b; }
+inline float min_of(float a, float b) { return a < b ? a : b; }
+
+// x where probe is finite, else 0 (probe - probe is NaN for inf and NaN).
+inline float keep_if_finite(float probe, float x) { return probe - probe == 0.f ? x : 0.f; }
+
+// One element in, one out. The first argument is a tag naming the lane type.
+template <typename T>
+inline float load_lanes(float, const T* src) {
+  return load_float(*src);
+}
+
+template <typename T>
+inline void store_lanes(T* dst, float x) {
+  *dst = store_float<T>(x);
+}
+
+#if defined(__AVX2__)
+#define CPUADAM_F8 1
+
+struct F8 {
+  __m256 v;
+  F8() = default;
+  F8(__m256 x) : v(x) {}                      // NOLINT: a vector is its lanes
+  F8(float x) : v(_mm256_set1_ps(x)) {}       // NOLINT: scalars broadcast, as in the scalar code
+};
+
+inline F8 operator+(F8 a, F8 b) { return _mm256_add_ps(a.v, b.v); }
+inline F8 operator-(F8 a, F8 b) { return _mm256_sub_ps(a.v, b.v); }
+inline F8 operator*(F8 a, F8 b) { return _mm256_mul_ps(a.v, b.v); }
+inline F8 operator/(F8 a, F8 b) { return _mm256_div_ps(a.v, b.v); }
+inline F8 madd(F8 a, F8 b, F8 c) { return _mm256_fmadd_ps(a.v, b.v, c.v); }
+inline F8 lane_sqrt(F8 x) { return _mm256_sqrt_ps(x.v); }
+inline F8 max_of(F8 a, F8 b) { return _mm256_max_ps(a.v, b.v); }
+inline F8 min_of(F8 a, F8 b) { return _mm256_min_ps(a.v, b.v); }
+
+inline F8 keep_if_finite(F8 probe, F8 x) {
+  const __m256 d = _mm256_sub_ps(probe.v, probe.v);
+  return _mm256_and_ps(_mm256_cmp_ps(d, _mm256_setzero_ps(), _CMP_EQ_OQ), x.v);
+}
+
+inline F8 load_lanes(F8, const float* src) { return _mm256_loadu_ps(src); }
+inline void store_lanes(float* dst, F8 x) { _mm256_storeu_ps(dst, x.v); }
+
+inline __m128i load8x16(const void* src) { return _mm_loadu_si128(static_cast<const __m128i*>(src)); }
+inline void store8x16(void* dst, __m128i x) { _mm_storeu_si128(static_cast<__m128i*>(dst), x); }
+
+// Eight uint32 lanes, each < 2^16, packed into eight uint16.
+inline __m128i pack_u16(__m256i x) {
+  return _mm_packus_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+}
+
+// bfloat16: the upper half of a float32 (exact).
+inline F8 load_lanes(F8, const BFloat16* src) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(load8x16(src)), 16));
+}
+
+// bf16_bits_nearest, eight at a time.
+inline __m256i bf16_bits_nearest(F8 x) {
+  const __m256i u = _mm256_castps_si256(x.v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rounded =
+      _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd), 16);
+  const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x0040));
+  const __m256 nan = _mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q);
+  return _mm256_blendv_epi8(rounded, quiet, _mm256_castps_si256(nan));
+}
+
+inline void store_lanes(BFloat16* dst, F8 x) { store8x16(dst, pack_u16(bf16_bits_nearest(x))); }
+
+// float16: F16C, exact in and round to nearest even out (the rounding is given
+// in the instruction, not taken from MXCSR), the bits of the portable code.
+inline F8 load_lanes(F8, const Float16* src) { return _mm256_cvtph_ps(load8x16(src)); }
+
+inline void store_lanes(Float16* dst, F8 x) {
+  store8x16(dst, _mm256_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT));
+}
+
+// mix32 and rounding_bits of convert.h on eight consecutive indices.
+inline __m256i mix32(__m256i x) {
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7FEB352D));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int32_t>(0x846CA68Bu)));
+  return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+}
+
+inline __m256i rounding_bits8(uint32_t index, uint32_t key0, uint32_t key1) {
+  const __m256i i = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(index)),
+                                     _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256i h = mix32(_mm256_xor_si256(i, _mm256_set1_epi32(static_cast<int32_t>(key0))));
+  return mix32(_mm256_add_epi32(h, _mm256_set1_epi32(static_cast<int32_t>(key1))));
+}
+
+// bf16_bits_stochastic of elements index .. index + 7 (the scalar form below). Magnitudes are at most
+// 0x7FFFFFFF, so the signed compare orders them as unsigned.
+inline void store_stochastic_lanes(BFloat16* dst, F8 x, uint32_t index, uint32_t key0,
+                                   uint32_t key1) {
+  const __m256i u = _mm256_castps_si256(x.v);
+  const __m256i random = rounding_bits8(index, key0, key1);
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_srli_epi32(random, 16)), 16);
+  const __m256i mag = _mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i no_upper = _mm256_cmpgt_epi32(mag, _mm256_set1_epi32(0x7F7F0000));
+  store8x16(dst, pack_u16(_mm256_blendv_epi8(rounded, bf16_bits_nearest(x), no_upper)));
+}
+#endif
+
+// Runs body(lane, i) for i in [0, n): eight at a time where the level has F8,
+// then one at a time. body must not depend on which.
+template <typename Body>
+inline void for_lanes(int64_t n, Body&& body) {
+  int64_t i = 0;
+#if defined(CPUADAM_F8)
+  for (; i + 8 <= n; i += 8) body(F8{}, i);
+#endif
+#pragma GCC ivdep
+  for (; i < n; ++i) body(float{}, i);
+}
+
+// Stochastic rounding of element `index` into dst, one lane (any 16-bit type).
+template <typename P>
+inline void store_stochastic_lanes(P* dst, float x, uint32_t index, uint32_t key0, uint32_t key1) {
+  *dst = store_stochastic<P>(x, rounding_bits(index, key0, key1));
+}
+
+// Whole arrays between storage and float32 (grad tiles, norm blocks).
+template <typename T>
+inline void load_array(const T* __restrict src, float* __restrict dst, int64_t n) {
+  for_lanes(n, [&](auto lane, int64_t i) { store_lanes(dst + i, load_lanes(lane, src + i)); });
+}
