@@ -16,11 +16,20 @@
 // The search: the 255 midpoints of consecutive map values, each rounded to
 // float32 toward -inf (then x > midpoint in float32 says exactly whether x is
 // above the real midpoint; x equal to a representable midpoint is not above it,
-// hence ties go down). code = #midpoints below x, counted with a table indexed
-// by the top bits of x (sign, exponent, 7 mantissa bits: kBuckets buckets in the
-// order of x) giving the midpoints below the bucket, plus one comparison with
-// the next midpoint: no bucket holds more than one (checked when the table is
-// built). Two table lookups per element, so the loop vectorises with gathers.
+// hence ties go down). code = #midpoints below x, found with one table entry
+// per bucket of x's top 16 bits (sign, exponent, 7 mantissa bits; kBuckets
+// buckets in the order of x): the midpoints below the bucket and the one
+// midpoint inside it, if any (no bucket holds two: checked when the table is
+// built). That midpoint shares x's top 16 bits, so only its low 16 go in the
+// entry, and x is above it when x's low 16 bits are (below it, for negative x).
+// One table lookup per element: the loop vectorises with one gather.
+//
+// x = value / absmax is the float32 quotient, computed without a division
+// (the kernels' divider is already busy with the update): q = value * r with
+// r = 1/absmax, then q + (value - q*absmax) * r, both fused, which rounds like
+// the division (Markstein's correction step). Blocks with an absmax below
+// 2^-60 or above 2^60 are scaled by a power of two first, so no intermediate
+// leaves the normal range where it matters.
 //
 // Included inside a per-level namespace (kernel_isa.cpp) and in bindings.cpp;
 // needs convert.h's float_bits when used from the kernels.
@@ -78,10 +87,11 @@ inline int32_t quant_bucket(float x) {
 
 struct QuantTable {
   float qmap[256];
-  // Midpoints rounded toward -inf; mid[255] = +inf so that a probe past the
-  // last midpoint never counts.
+  // Midpoints rounded toward -inf; mid[255] = +inf (no midpoint above 1).
   float mid[256];
-  int32_t below[kBuckets];  // midpoints below every x of the bucket
+  // Per bucket: midpoints below it (bits 0-7), whether one lies inside it
+  // (bit 8) and that midpoint's low 16 magnitude bits (bits 16-31).
+  int32_t entry[kBuckets];
 };
 
 inline float float_of_bits(uint32_t u) { return __builtin_bit_cast(float, u); }
@@ -106,12 +116,23 @@ inline void build_table(bool is_signed, QuantTable& t) {
     const float lo = neg ? -mag_hi : mag_lo;
     const float hi = neg ? -mag_lo : mag_hi;
     int32_t below = 0, inside = 0;
+    uint32_t inside_low = 0;
     for (int k = 0; k < 255; ++k) {
-      if (t.mid[k] < lo) ++below;
-      else if (t.mid[k] <= hi) ++inside;
+      if (t.mid[k] < lo) {
+        ++below;
+      } else if (t.mid[k] <= hi) {
+        ++inside;
+        inside_low = quant_bits(t.mid[k]) & 0xFFFFu;
+      }
     }
-    if (inside > 1) throw std::logic_error("quantization table: a bucket holds two midpoints");
-    t.below[b] = below;
+    // The clamped end buckets hold values whose top bits are not the bucket's:
+    // they must hold no midpoint (true of both maps: their midpoints lie in
+    // [2^-26, 1)).
+    const bool clamped = j == 0 || j == kBucketsPerSign - 1;
+    if (inside > 1 || (inside == 1 && clamped))
+      throw std::logic_error("quantization table: a bucket holds two midpoints");
+    t.entry[b] = static_cast<int32_t>(static_cast<uint32_t>(below) | (static_cast<uint32_t>(inside) << 8) |
+                                      (inside_low << 16));
   }
 }
 
@@ -135,8 +156,30 @@ inline const QuantTable& unsigned_table() {
 }
 
 inline uint8_t nearest_code(float x, const QuantTable& t) {
-  const int32_t lo = t.below[quant_bucket(x)];
-  return static_cast<uint8_t>(lo + (x > t.mid[lo] ? 1 : 0));
+  const uint32_t u = quant_bits(x);
+  const uint32_t e = static_cast<uint32_t>(t.entry[quant_bucket(x)]);
+  const uint32_t low = u & 0xFFFFu, mid_low = e >> 16;
+  const bool beyond = (u >> 31) ? low < mid_low : low > mid_low;
+  return static_cast<uint8_t>((e & 0xFFu) + (((e >> 8) & 1u) & static_cast<uint32_t>(beyond)));
+}
+
+// The power of two a block's values and absmax are scaled by before the
+// quotient (1 unless absmax is below 2^-60 or above 2^60).
+inline float quotient_prescale(float absmax) {
+  return absmax < 0x1p-60f ? 0x1p64f : absmax > 0x1p60f ? 0x1p-64f : 1.f;
+}
+
+// value / scale, correctly rounded, from r = 1/scale (see the top of the file).
+// Without hardware FMA the division itself is cheaper, and rounds the same.
+inline float quotient(float value, float scale, float r) {
+#if defined(__FMA__) || (defined(_MSC_VER) && defined(__AVX2__)) || defined(__aarch64__) || \
+    defined(_M_ARM64)
+  const float q = value * r;
+  return std::fma(std::fma(-q, scale, value), r, q);
+#else
+  (void)r;
+  return value / scale;
+#endif
 }
 
 // The block's largest |value|. NaNs are passed over (a > m is false for them).
@@ -169,32 +212,44 @@ inline float block_absmax(const float* __restrict v, int64_t n) {
 inline float quantize_block(const float* __restrict v, uint8_t* __restrict codes, int64_t n,
                             const QuantTable& t) {
   const float absmax = block_absmax(v, n);
-  const float scale = absmax > 0.f ? absmax : 1.f;  // 0 / 1 = 0: the code of 0
+  const float pre = quotient_prescale(absmax);
+  const float scale = absmax > 0.f ? absmax * pre : 1.f;  // 0 / 1 = 0: the code of 0
+  const float r = 1.f / scale;
   int64_t i = 0;
 #if defined(__AVX2__)
-  const __m256 vscale = _mm256_set1_ps(scale);
-  const __m256i sign_mask = _mm256_set1_epi32(0x7FFFFFFF);
+  const __m256 vscale = _mm256_set1_ps(scale), vr = _mm256_set1_ps(r), vpre = _mm256_set1_ps(pre);
+  const __m256i sign_mask = _mm256_set1_epi32(0x7FFFFFFF), low16 = _mm256_set1_epi32(0xFFFF);
   const __m256i low = _mm256_set1_epi32(kBucketLow), high = _mm256_set1_epi32(kBucketHigh);
   const __m256i per_sign = _mm256_set1_epi32(kBucketsPerSign);
   const __m256i per_sign_m1 = _mm256_set1_epi32(kBucketsPerSign - 1);
-  alignas(32) int32_t out[8];
-  for (; i + 8 <= n; i += 8) {
-    const __m256 x = _mm256_div_ps(_mm256_loadu_ps(v + i), vscale);
-    const __m256i u = _mm256_castps_si256(x);
-    __m256i j = _mm256_srli_epi32(_mm256_and_si256(u, sign_mask), kBucketShift);
-    j = _mm256_sub_epi32(_mm256_min_epi32(_mm256_max_epi32(j, low), high), low);
-    const __m256i neg = _mm256_srai_epi32(u, 31);  // all ones where the sign is set
-    const __m256i b = _mm256_blendv_epi8(_mm256_add_epi32(per_sign, j),
-                                         _mm256_sub_epi32(per_sign_m1, j), neg);
-    const __m256i lo = _mm256_i32gather_epi32(t.below, b, 4);
-    const __m256 m = _mm256_i32gather_ps(t.mid, lo, 4);
-    // The comparison's mask is -1 where x is above the midpoint.
-    const __m256i code = _mm256_sub_epi32(lo, _mm256_castps_si256(_mm256_cmp_ps(x, m, _CMP_GT_OQ)));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(out), code);
-    for (int k = 0; k < 8; ++k) codes[i + k] = static_cast<uint8_t>(out[k]);
+  const __m256i byte = _mm256_set1_epi32(0xFF), one = _mm256_set1_epi32(1);
+  for (; i + 16 <= n; i += 16) {
+    __m256i code[2];
+    for (int h = 0; h < 2; ++h) {
+      const __m256 value = _mm256_mul_ps(_mm256_loadu_ps(v + i + 8 * h), vpre);
+      const __m256 q = _mm256_mul_ps(value, vr);
+      const __m256 x = _mm256_fmadd_ps(_mm256_fnmadd_ps(q, vscale, value), vr, q);
+      const __m256i u = _mm256_castps_si256(x);
+      __m256i j = _mm256_srli_epi32(_mm256_and_si256(u, sign_mask), kBucketShift);
+      j = _mm256_sub_epi32(_mm256_min_epi32(_mm256_max_epi32(j, low), high), low);
+      const __m256i neg = _mm256_srai_epi32(u, 31);  // all ones where the sign is set
+      const __m256i b = _mm256_blendv_epi8(_mm256_add_epi32(per_sign, j),
+                                           _mm256_sub_epi32(per_sign_m1, j), neg);
+      const __m256i e = _mm256_i32gather_epi32(t.entry, b, 4);
+      const __m256i x_low = _mm256_and_si256(u, low16), mid_low = _mm256_srli_epi32(e, 16);
+      // -1 where x is beyond the bucket's midpoint (above it; below it for negative x).
+      const __m256i beyond = _mm256_blendv_epi8(_mm256_cmpgt_epi32(x_low, mid_low),
+                                                _mm256_cmpgt_epi32(mid_low, x_low), neg);
+      const __m256i inside = _mm256_and_si256(_mm256_srli_epi32(e, 8), one);
+      code[h] = _mm256_add_epi32(_mm256_and_si256(e, byte), _mm256_and_si256(inside, beyond));
+    }
+    // 16 codes < 256 to bytes, in order.
+    const __m256i words = _mm256_permute4x64_epi64(_mm256_packus_epi32(code[0], code[1]), 0xD8);
+    const __m128i bytes = _mm_packus_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), bytes);
   }
 #endif
-  for (; i < n; ++i) codes[i] = nearest_code(v[i] / scale, t);
+  for (; i < n; ++i) codes[i] = nearest_code(quotient(v[i] * pre, scale, r), t);
   return absmax;
 }
 
