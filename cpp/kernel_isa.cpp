@@ -108,10 +108,11 @@ T* at_bytes(void* base, int64_t first, int64_t elem) {
   return base == nullptr ? nullptr : reinterpret_cast<T*>(static_cast<char*>(base) + first * elem);
 }
 
-// One run of the arithmetic over n elements: the param as float32 (the param
-// itself, a tile or the master), the grad in the type the arithmetic reads.
+// One run of the arithmetic over n elements: the param in the type the
+// arithmetic reads (float32: the param itself, a tile or the master; bfloat16:
+// the param itself, see run_direct), the grad likewise.
 struct RunPtrs {
-  float* param;
+  void* param;
   const void* grad;
   void* exp_avg;  // SGD: momentum_buffer
   void* exp_avg_sq;
@@ -125,37 +126,43 @@ struct RunPtrs {
 // tile without being instantiated again for every flag combination.
 using RangeFn = void (*)(const RunPtrs& r, int64_t n, float grad_scale, const StepScalars& sc);
 
-template <DecayMode kDecay, Amsgrad kAmsgrad, GradInput kGrad, Ema kEma, typename G, typename S>
+template <DecayMode kDecay, Amsgrad kAmsgrad, GradInput kGrad, Ema kEma, typename P, typename G,
+          typename S>
 void adam_run(const RunPtrs& r, int64_t n, float grad_scale, const StepScalars& sc) {
   adam_range<kDecay, kAmsgrad, kGrad, kEma>(
-      r.param, static_cast<const G*>(r.grad), static_cast<S*>(r.exp_avg),
+      static_cast<P*>(r.param), static_cast<const G*>(r.grad), static_cast<S*>(r.exp_avg),
       static_cast<S*>(r.exp_avg_sq), static_cast<S*>(r.max_exp_avg_sq), r.grad_accum, r.ema, n,
       grad_scale, sc);
 }
 
 template <DecayMode kDecay, Momentum kMomentum, Nesterov kNesterov, GradInput kGrad, Ema kEma,
-          typename G, typename S>
+          typename P, typename G, typename S>
 void sgd_run(const RunPtrs& r, int64_t n, float grad_scale, const StepScalars& sc) {
-  sgd_range<kDecay, kMomentum, kNesterov, kGrad, kEma>(r.param, static_cast<const G*>(r.grad),
+  sgd_range<kDecay, kMomentum, kNesterov, kGrad, kEma>(static_cast<P*>(r.param),
+                                                       static_cast<const G*>(r.grad),
                                                        static_cast<S*>(r.exp_avg), r.grad_accum,
                                                        r.ema, n, grad_scale, sc);
 }
 
-template <typename G, typename S>
+// P is float (the param, a tile or the master) or, for run_direct, bfloat16
+// without EMA: nullptr for the EMA flags there, which run_direct never asks for.
+template <typename P, typename G, typename S>
 RangeFn adam_fn(const StepArgs& a) {
   RangeFn fn = nullptr;
   with_decay(a.decay, [&](auto decay) {
     with_grad_ema<std::is_same_v<G, float>>(a, [&](auto grad_input, auto ema) {
-      if (a.amsgrad == Amsgrad::On)
-        fn = &adam_run<decay.value, Amsgrad::On, grad_input.value, ema.value, G, S>;
-      else
-        fn = &adam_run<decay.value, Amsgrad::Off, grad_input.value, ema.value, G, S>;
+      if constexpr (std::is_same_v<P, float> || ema.value == Ema::Off) {
+        if (a.amsgrad == Amsgrad::On)
+          fn = &adam_run<decay.value, Amsgrad::On, grad_input.value, ema.value, P, G, S>;
+        else
+          fn = &adam_run<decay.value, Amsgrad::Off, grad_input.value, ema.value, P, G, S>;
+      }
     });
   });
   return fn;
 }
 
-template <typename G, typename S>
+template <typename P, typename G, typename S>
 RangeFn sgd_fn(const StepArgs& a) {
   RangeFn fn = nullptr;
   const DecayMode decay_mode = a.decay == DecayMode::None ? DecayMode::None : DecayMode::L2;
@@ -163,8 +170,9 @@ RangeFn sgd_fn(const StepArgs& a) {
     if constexpr (decay.value != DecayMode::Decoupled) {
       with_grad_ema<std::is_same_v<G, float>>(a, [&](auto grad_input, auto ema) {
         auto pick = [&](auto momentum, auto nesterov) {
-          fn = &sgd_run<decay.value, momentum.value, nesterov.value, grad_input.value, ema.value,
-                        G, S>;
+          if constexpr (std::is_same_v<P, float> || ema.value == Ema::Off)
+            fn = &sgd_run<decay.value, momentum.value, nesterov.value, grad_input.value,
+                          ema.value, P, G, S>;
         };
         const bool nesterov = a.nesterov == Nesterov::On;
         switch (a.momentum) {
@@ -201,13 +209,14 @@ void store_param_run(const float* tile, const TensorSpan& s, int64_t i0, int64_t
                             static_cast<uint32_t>(i0), key0, key1);
 }
 
-template <typename P, ParamUpdate kUpdate, typename G>
+// kDirect: fn reads and writes the bfloat16 param itself (run_direct).
+template <typename P, ParamUpdate kUpdate, typename G, bool kDirect = false>
 void run_tensor(const TensorSpan& s, int64_t first, int64_t count, RangeFn fn, int64_t state_size,
                 const StepScalars& sc) {
-  constexpr bool kTiledParam = !std::is_same_v<P, float>;
+  constexpr bool kTiledParam = !std::is_same_v<P, float> && !kDirect;
   constexpr bool kTiledGrad = std::is_same_v<G, Float16>;
   auto ptrs = [&](int64_t i0) {
-    return RunPtrs{at<float>(s.param, i0), at<G>(s.grad, i0),
+    return RunPtrs{at<P>(s.param, i0), at<G>(s.grad, i0),
                    at_bytes<void>(s.exp_avg, i0, state_size),
                    at_bytes<void>(s.exp_avg_sq, i0, state_size),
                    at_bytes<void>(s.max_exp_avg_sq, i0, state_size),
@@ -237,19 +246,19 @@ void run_tensor(const TensorSpan& s, int64_t first, int64_t count, RangeFn fn, i
         }
       }
       fn(r, n, s.grad_scale, sc);
-      if constexpr (kTiledParam) store_param_run<kUpdate, P>(r.param, s, i0, n);
+      if constexpr (kTiledParam) store_param_run<kUpdate, P>(static_cast<float*>(r.param), s, i0, n);
       i0 += n;
     }
   }
 }
 
-template <typename P, ParamUpdate kUpdate, typename G>
+template <typename P, ParamUpdate kUpdate, typename G, bool kDirect = false>
 void run_all(const StepArgs& a, RangeFn fn, int64_t state_size) {
   parallel_pieces(a.tensors, a.offsets, a.num_tensors, a.num_threads,
                   [&](const TensorSpan& s, int64_t piece_first, int64_t piece_count) {
                     aligned_runs(s.param, sizeof(P), piece_first, piece_count,
                                  [&](int64_t first, int64_t count) {
-                      run_tensor<P, kUpdate, G>(s, first, count, fn, state_size, a.scalars);
+                      run_tensor<P, kUpdate, G, kDirect>(s, first, count, fn, state_size, a.scalars);
                     });
                   });
 }
@@ -343,7 +352,7 @@ void run_blocks_8bit(const TensorSpan& s, int64_t block0, int64_t nblocks, Range
     }
     fn(r, n, s.grad_scale, sc);
     // Blocks never cross a multiple of 2^32 (a multiple of kQuantBlock).
-    if constexpr (kTiledParam) store_param_run<kUpdate, P>(r.param, s, i0, n);
+    if constexpr (kTiledParam) store_param_run<kUpdate, P>(static_cast<float*>(r.param), s, i0, n);
     for (int k = 0; k < num_moments; ++k)
       moments[k].absmax[b] = quantize_block(moments[k].tile, moments[k].codes + i0, n, *moments[k].map);
   }
@@ -388,7 +397,7 @@ struct TypeTag {
 };
 
 // The float32-state arithmetic (S = float) run on the dequantized tiles.
-template <template <typename, typename> class Pick>
+template <template <typename, typename, typename> class Pick>
 bool step_8bit(const StepArgs& a) {
   auto by_param = [&](auto grad_type, RangeFn fn) {
     using G = typename decltype(grad_type)::type;
@@ -400,50 +409,71 @@ bool step_8bit(const StepArgs& a) {
     }
   };
   switch (a.grad_dtype) {
-    case DType::Float32: by_param(TypeTag<float>{}, Pick<float, float>::fn(a)); return true;
+    case DType::Float32: by_param(TypeTag<float>{}, Pick<float, float, float>::fn(a)); return true;
     case DType::BFloat16:
-      by_param(TypeTag<BFloat16>{}, Pick<BFloat16, float>::fn(a));
+      by_param(TypeTag<BFloat16>{}, Pick<float, BFloat16, float>::fn(a));
       return true;
-    case DType::Float16: by_param(TypeTag<Float16>{}, Pick<float, float>::fn(a)); return true;
+    case DType::Float16: by_param(TypeTag<Float16>{}, Pick<float, float, float>::fn(a)); return true;
     case DType::Blockwise8: return false;
   }
   return false;
 }
 
+// bfloat16 params rounded to nearest with bfloat16 grads and no EMA (a bfloat16
+// model under torch's arrangement, with bfloat16 or float32 moments): the
+// arithmetic reads and writes the param itself, with no float32 tile between
+// (the tile's extra loads, stores and loop cost as much as the conversions).
+template <template <typename, typename, typename> class Pick>
+bool step_direct(const StepArgs& a) {
+  if (a.param_dtype != DType::BFloat16 || a.param_update != ParamUpdate::Nearest ||
+      a.grad_dtype != DType::BFloat16 || a.ema != Ema::Off)
+    return false;
+  if (a.state_dtype == DType::BFloat16)
+    run_all<BFloat16, ParamUpdate::Nearest, BFloat16, true>(
+        a, Pick<BFloat16, BFloat16, BFloat16>::fn(a), 2);
+  else
+    run_all<BFloat16, ParamUpdate::Nearest, BFloat16, true>(
+        a, Pick<BFloat16, BFloat16, float>::fn(a), 4);
+  return true;
+}
+
 // The arithmetic reads float32 or bfloat16 grads; float16 grads come as a
 // float32 tile (the level's F16C conversion), so fn is picked for G = float.
-template <template <typename, typename> class Pick>
+template <template <typename, typename, typename> class Pick>
 bool step(const StepArgs& a) {
   if (a.state_dtype == DType::Blockwise8) return step_8bit<Pick>(a);
   if (a.state_dtype == DType::Float16) return false;
+  if (step_direct<Pick>(a)) return true;
   const bool bf16_state = a.state_dtype == DType::BFloat16;
   const int64_t state_size = bf16_state ? 2 : 4;
   switch (a.grad_dtype) {
     case DType::Float32:
-      run_param<float>(a, bf16_state ? Pick<float, BFloat16>::fn(a) : Pick<float, float>::fn(a),
+      run_param<float>(a, bf16_state ? Pick<float, float, BFloat16>::fn(a)
+                                     : Pick<float, float, float>::fn(a),
                        state_size);
       return true;
     case DType::BFloat16:
-      run_param<BFloat16>(a, bf16_state ? Pick<BFloat16, BFloat16>::fn(a)
-                                        : Pick<BFloat16, float>::fn(a),
+      run_param<BFloat16>(a, bf16_state ? Pick<float, BFloat16, BFloat16>::fn(a)
+                                        : Pick<float, BFloat16, float>::fn(a),
                           state_size);
       return true;
     case DType::Float16:
-      run_param<Float16>(a, bf16_state ? Pick<float, BFloat16>::fn(a) : Pick<float, float>::fn(a),
+      run_param<Float16>(a, bf16_state ? Pick<float, float, BFloat16>::fn(a)
+                                       : Pick<float, float, float>::fn(a),
                          state_size);
       return true;
   }
   return false;
 }
 
-template <typename G, typename S>
+template <typename P, typename G, typename S>
 struct PickAdam {
-  static RangeFn fn(const StepArgs& a) { return adam_fn<G, S>(a); }
+  static RangeFn fn(const StepArgs& a) { return adam_fn<P, G, S>(a); }
 };
 
-template <typename G, typename S>
+template <typename P, typename G, typename S>
 struct PickSgd {
-  static RangeFn fn(const StepArgs& a) { return sgd_fn<G, S>(a); }
+  static RangeFn fn(const StepArgs& a) { return sgd_fn<P, G, S>(a); }
 };
 
 bool adam_step(const StepArgs& a) { return step<PickAdam>(a); }
