@@ -303,7 +303,8 @@ def test_every_available_implementation_steps_each_precision_on_the_shared_buffe
                     assert np.all(np.abs(got - exact) <= 0.01 * blocks), (key, name, i)
                 else:
                     got = _as_float32(codes)
-                    rel = 2.0**-8 if codes.dtype == np.uint16 else 4 * F32_EPS
+                    # float32: DeepSpeed takes 1 - beta2 in float32 (0.999f is 1.3e-8 off), 1.3e-5 relative.
+                    rel = 2.0**-8 if codes.dtype == np.uint16 else 1e-4
                     assert np.all(np.abs(got - exact) <= rel * np.abs(exact) + 1e-30), (key, name, i)
     assert {"cpuadam", "cpuadam._core", "cpuadam-fp32"} <= stepped
 
