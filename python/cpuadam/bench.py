@@ -69,10 +69,9 @@ BETAS = (0.9, 0.999)
 EPS = 1e-8
 WEIGHT_DECAY = 1e-2
 
-# Bytes an fp32 step must move per parameter: read p, g, m, v (16), write p, m, v (12);
-# AMSGrad adds a read and a write of max_exp_avg_sq.
+# Bytes an fp32 step must move per parameter, and the roofline proxy's pass: read p, g, m, v
+# (16), write p, m, v (12). Every precision's count is Precision.bytes_per_step.
 BYTES_PER_PARAM = 28
-BYTES_PER_PARAM_AMSGRAD = 36
 
 # Under state_dtype="8bit", tensors with fewer elements keep float32 moments. 4096 is the
 # default min_8bit_size of cpuadam and of bitsandbytes; the benchmark passes it to both.
@@ -1183,7 +1182,7 @@ def _parse_args(argv) -> argparse.Namespace:
                              + "; default fp32), :amsgrad for AMSGrad, :each for one optimizer per tensor, "
                              f"e.g. gpt2:bf16, 16M:8bit:amsgrad (default {','.join(DEFAULT_SIZES)})")
     parser.add_argument("--precisions", metavar="LIST",
-                        help="comma-separated precisions (" + ", ".join(f"{p.name}: {p.arrangement}"
+                        help="comma-separated precisions (" + "; ".join(f"{p.name}: {p.arrangement}"
                                                                         for p in PRECISIONS.values())
                              + "): each workload that names none runs once in each")
     parser.add_argument("--threads", metavar="LIST", type=_parse_threads, default=None,
