@@ -24,7 +24,8 @@ rounds, so each mode's speed-up over cpuadam's own float32 step is one column.
 Every implementation works on the same param, grad and state buffers (the
 optimizers are handed the benchmark's state arrays), so a 128M-param workload
 holds 2.5 GB of buffers however many implementations run (peak RSS about 4.5 GB
-with the NumPy peer's scratch buffer and torch foreach's temporaries). The
+with the NumPy peer's scratch buffer and torch foreach's temporaries); a precision
+workload adds its own buffers to the float32 ones (``gpt2:bf16``: 3.5 GB). The
 exception is bitsandbytes, whose 8-bit state has its own layout and code maps: it
 keeps its own state, as any optimizer does on its first step. Rounds are interleaved:
 each round runs one step of every implementation, in an order rotated from
