@@ -2,7 +2,7 @@
 """``python -m cpuadam.bench``: cpuadam's AdamW step against its peers and a roofline proxy, interleaved.
 
 An fp32 AdamW step reads param, grad, exp_avg and exp_avg_sq and writes param,
-exp_avg and exp_avg_sq back: 28 bytes per parameter (32 with AMSGrad, which
+exp_avg and exp_avg_sq back: 28 bytes per parameter (36 with AMSGrad, which
 also reads and writes max_exp_avg_sq). No implementation can beat those bytes
 divided by the memory bandwidth, so next to the optimizers the benchmark times
 ``cpuadam._core.stream_pass``, a minimal pass with the same access pattern
@@ -11,15 +11,29 @@ rounds. "% of roofline" is an implementation's GB/s over the proxy's GB/s taken
 in the same minute; on shared or frequency-scaled machines only such ratios
 travel well, not the absolute times.
 
+Every workload has a precision, named by a suffix (``16M:bf16``, see
+:func:`parse_workload`): float32 (the default), bfloat16 params and grads with
+bfloat16 or float32 moments, and 8-bit block-wise moments with float32 or
+bfloat16 params. Each moves its own bytes per param (``Workload.bytes_per_param``:
+14 for ``bf16``, about 16.06 for ``8bit``), and its GB/s and "% of roofline" are
+taken over those bytes, so a mode at the memory limit shows about 100% whatever
+it moves. The proxy stays the float32 pass: it measures the bandwidth. Beside the
+mode's rows, ``cpuadam-fp32`` steps float32 buffers of the same shapes in the same
+rounds, so each mode's speed-up over cpuadam's own float32 step is one column.
+
 Every implementation works on the same param, grad and state buffers (the
 optimizers are handed the benchmark's state arrays), so a 128M-param workload
 holds 2.5 GB of buffers however many implementations run (peak RSS about 4.5 GB
-with the NumPy peer's scratch buffer and torch foreach's temporaries). Rounds are interleaved:
+with the NumPy peer's scratch buffer and torch foreach's temporaries); a precision
+workload adds its own buffers to the float32 ones (``gpt2:bf16``: 3.5 GB). The
+exception is bitsandbytes, whose 8-bit state has its own layout and code maps: it
+keeps its own state, as any optimizer does on its first step. Rounds are interleaved:
 each round runs one step of every implementation, in an order rotated from
 round to round, and the reported time is the median over the timed rounds.
 
-Optional packages: torch (torch.optim peers, ``cpuadam.torch``), deepspeed
-(DeepSpeedCPUAdam), rich or tqdm (progress bar; rich also draws the table) and
+Optional packages: torch (torch.optim peers, ``cpuadam.torch``), ml_dtypes (the
+NumPy class on bfloat16 arrays), deepspeed (DeepSpeedCPUAdam), bitsandbytes
+(AdamW8bit), rich or tqdm (progress bar; rich also draws the table) and
 matplotlib (``--plot``). ``pip install cpuadam[bench]`` installs rich and
 matplotlib.
 """
@@ -38,15 +52,17 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
 
 import cpuadam
 from cpuadam import _core
+from cpuadam._engine import QUANT_MAPS, quant_blocks
 
-__all__ = ["IMPLS", "Workload", "NumpyAdamW", "gpt2_shapes", "parse_workload", "run", "main"]
+__all__ = ["IMPLS", "PRECISIONS", "Precision", "Workload", "NumpyAdamW", "gpt2_shapes", "parse_workload",
+           "run", "main"]
 
 # One step's hyperparameters: torch.optim.AdamW's defaults.
 LR = 1e-3
@@ -54,10 +70,13 @@ BETAS = (0.9, 0.999)
 EPS = 1e-8
 WEIGHT_DECAY = 1e-2
 
-# Bytes an fp32 step must move per parameter: read p, g, m, v (16), write p, m, v (12);
-# AMSGrad adds a read and a write of max_exp_avg_sq.
+# Bytes an fp32 step must move per parameter, and the roofline proxy's pass: read p, g, m, v
+# (16), write p, m, v (12). Every precision's count is Precision.bytes_per_step.
 BYTES_PER_PARAM = 28
-BYTES_PER_PARAM_AMSGRAD = 32
+
+# Under state_dtype="8bit", tensors with fewer elements keep float32 moments. 4096 is the
+# default min_8bit_size of cpuadam and of bitsandbytes; the benchmark passes it to both.
+MIN_8BIT_SIZE = 4096
 
 DEFAULT_SIZES = ("1M", "16M", "128M", "gpt2", "4096x4096", "16M:amsgrad", "10000x16",
                  "1000x4096:each", "gpt2:each")
@@ -79,10 +98,14 @@ IMPLS = (
     # The core call alone, its batch built once: the class's own per-tensor Python cost is the difference.
     Impl("cpuadam._core", "cpuadam._core.adam_step, batch built once", "core"),
     Impl("cpuadam.torch", "cpuadam.torch.AdamW", "c.torch"),
+    # The same core call on float32 buffers of the workload's shapes, in the same rounds:
+    # a precision mode's speed-up over cpuadam's own float32 step.
+    Impl("cpuadam-fp32", "cpuadam._core.adam_step on float32 buffers of the same shapes", "fp32"),
     Impl("torch-fused", "torch AdamW fused=True", "fused"),
     Impl("torch-foreach", "torch AdamW foreach=True", "foreach"),
     Impl("torch-forloop", "torch AdamW default (for-loop)", "forloop"),
     Impl("deepspeed", "DeepSpeedCPUAdam", "ds"),
+    Impl("bitsandbytes", "bitsandbytes AdamW8bit", "bnb"),
     Impl("numpy", "NumPy AdamW (in-place ufuncs)", "numpy"),
     Impl("roofline", "roofline proxy (stream_pass)", "roofline"),
     # Opt-in rows (not in the default list): the cost of the training features.
@@ -94,14 +117,61 @@ _OPT_IN_IMPLS = ("cpuadam+clip", "cpuadam+clip+ema")
 # The cpuadam.AdamW rows and the options each turns on.
 _CLASS_FEATURES = {"cpuadam": {}, "cpuadam+clip": {"global_clipnorm": 1.0},
                    "cpuadam+clip+ema": {"global_clipnorm": 1.0, "use_ema": True}}
-_TORCH_IMPLS = ("cpuadam.torch", "torch-fused", "torch-foreach", "torch-forloop", "deepspeed")
+_TORCH_IMPLS = ("cpuadam.torch", "torch-fused", "torch-foreach", "torch-forloop", "deepspeed", "bitsandbytes")
 
 
 # --------------------------------------------------------------------------- workloads
 
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "8bit": 1}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a workload stores its params and grads (one dtype) and its moments."""
+
+    name: str  # the workload suffix
+    param_dtype: str  # params and grads: "float32" or "bfloat16"
+    state_dtype: str  # exp_avg, exp_avg_sq, max_exp_avg_sq: "float32", "bfloat16" or "8bit"
+    arrangement: str
+
+    def state_dtype_of(self, numel: int) -> str:
+        """The moments' dtype in a tensor of numel elements: 8-bit ones stay float32 when small."""
+        if self.state_dtype == "8bit" and numel < MIN_8BIT_SIZE:
+            return "float32"
+        return self.state_dtype
+
+    def bytes_per_step(self, numel: int, moments: int = 2) -> int:
+        """Bytes one step moves over a tensor: param read and written, grad read, each moment
+        read and written; an 8-bit moment as its codes plus one float32 absmax per block."""
+        state = self.state_dtype_of(numel)
+        moved = numel * (3 * _ITEMSIZE[self.param_dtype] + 2 * moments * _ITEMSIZE[state])
+        if state == "8bit":
+            moved += 2 * moments * 4 * quant_blocks(numel)
+        return moved
+
+    def bytes_per_param(self, amsgrad: bool = False) -> float:
+        """Bytes per param of a large tensor (a whole number of 8-bit blocks): 28 for fp32,
+        14 for bf16, 22 for bf16-fp32, 16.0625 for 8bit, 10.0625 for bf16-8bit."""
+        numel = 1 << 20
+        return self.bytes_per_step(numel, 3 if amsgrad else 2) / numel
+
+
+PRECISIONS = {p.name: p for p in (
+    Precision("fp32", "float32", "float32", "float32 params, grads and moments"),
+    Precision("bf16", "bfloat16", "bfloat16",
+              "bfloat16 params, grads and moments (torch.optim's arrangement for a bfloat16 model)"),
+    Precision("bf16-fp32", "bfloat16", "float32",
+              "bfloat16 params and grads, float32 moments (DeepSpeedCPUAdam's for bfloat16 params)"),
+    Precision("8bit", "float32", "8bit",
+              "float32 params and grads, 8-bit block-wise moments (bitsandbytes' AdamW8bit)"),
+    Precision("bf16-8bit", "bfloat16", "8bit", "bfloat16 params and grads, 8-bit block-wise moments"),
+)}
+FP32 = PRECISIONS["fp32"]
+
+
 @dataclass(frozen=True)
 class Workload:
-    """A list of parameter shapes stepped together as one param group."""
+    """A list of parameter shapes stepped together as one param group, in one precision."""
 
     name: str
     shapes: tuple
@@ -109,6 +179,7 @@ class Workload:
     # One optimizer per tensor, as offload frameworks build them (torchao's
     # CPUOffloadOptimizer, Megatron's HybridDeviceOptimizer): a step is one call each.
     each: bool = False
+    precision: Precision = FP32
 
     @property
     def n_tensors(self) -> int:
@@ -119,12 +190,22 @@ class Workload:
         return sum(math.prod(s) for s in self.shapes)
 
     @property
-    def bytes_per_param(self) -> int:
-        return BYTES_PER_PARAM_AMSGRAD if self.amsgrad else BYTES_PER_PARAM
+    def moment_keys(self) -> tuple:
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if self.amsgrad else ("exp_avg", "exp_avg_sq")
 
     @property
     def bytes_per_step(self) -> int:
-        return self.bytes_per_param * self.n_params
+        moments = len(self.moment_keys)
+        return sum(self.precision.bytes_per_step(math.prod(s), moments) for s in self.shapes)
+
+    @property
+    def bytes_per_param(self) -> float:
+        """Bytes a step moves per param in this precision (small 8-bit tensors at float32's)."""
+        return self.bytes_per_step / self.n_params
+
+    def as_fp32(self) -> "Workload":
+        """The same shapes and variants with float32 buffers."""
+        return replace(self, precision=FP32)
 
 
 def gpt2_shapes(layers: int = 12, width: int = 768, vocab: int = 50257, context: int = 1024) -> tuple:
@@ -147,6 +228,7 @@ def gpt2_shapes(layers: int = 12, width: int = 768, vocab: int = 50257, context:
 
 
 _SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_VARIANTS = ("amsgrad", "each")
 
 
 def _parse_count(text: str) -> int:
@@ -159,18 +241,32 @@ def _parse_count(text: str) -> int:
 
 
 def parse_workload(spec: str) -> Workload:
-    """Parses a workload name.
+    """Parses a workload name, ``BASE[:SUFFIX]...``.
 
-    ``SIZE`` is one tensor (``1M`` = 2**20 params, ``64k``, ``4096``);
-    ``COUNTxSIZE`` is COUNT tensors of SIZE params each (``4096x4096``);
-    ``gpt2`` is :func:`gpt2_shapes`; a ``:amsgrad`` suffix turns AMSGrad on, ``:each``
-    builds one optimizer per tensor and steps them one after another.
+    BASE: ``SIZE`` is one tensor (``1M`` = 2**20 params, ``64k``, ``4096``);
+    ``COUNTxSIZE`` is COUNT tensors of SIZE params each (``4096x4096``); ``gpt2``
+    is :func:`gpt2_shapes`. Suffixes, in any order, each kind at most once: a
+    precision from :data:`PRECISIONS` (``fp32``, the default; ``bf16``,
+    ``bf16-fp32``, ``8bit``, ``bf16-8bit``), ``amsgrad`` to turn AMSGrad on, and
+    ``each`` to build one optimizer per tensor and step them one after another.
+    For example ``gpt2:bf16``, ``16M:8bit:amsgrad``, ``1000x4096:bf16:each``.
     """
     name = spec.strip()
-    base, _, variant = name.partition(":")
-    if variant not in ("", "amsgrad", "each"):
-        raise ValueError(f"unknown workload variant {variant!r} in {spec!r} "
-                         "(':amsgrad' or ':each')")
+    base, *suffixes = name.split(":")
+    precision, variants = None, set()
+    for suffix in suffixes:
+        word = suffix.strip().lower()
+        if word in PRECISIONS:
+            if precision is not None:
+                raise ValueError(f"workload {spec!r} names two precisions ({precision.name!r} and {word!r})")
+            precision = PRECISIONS[word]
+        elif word in _VARIANTS:
+            if word in variants:
+                raise ValueError(f"workload {spec!r} names ':{word}' twice")
+            variants.add(word)
+        else:
+            raise ValueError(f"unknown workload suffix {suffix!r} in {spec!r} (a precision: "
+                             f"{', '.join(PRECISIONS)}; or amsgrad, each)")
     if base.lower() == "gpt2":
         shapes = gpt2_shapes()
     elif "x" in base.lower():
@@ -180,11 +276,45 @@ def parse_workload(spec: str) -> Workload:
         shapes = ((_parse_count(base),),)
     if not shapes or any(math.prod(s) == 0 for s in shapes):
         raise ValueError(f"workload {spec!r} has no parameters")
-    return Workload(name, shapes, amsgrad=variant == "amsgrad", each=variant == "each")
+    return Workload(name, shapes, amsgrad="amsgrad" in variants, each="each" in variants,
+                    precision=precision or FP32)
+
+
+def _bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 values as bfloat16 bits, rounded to nearest even (the values here are finite)."""
+    bits = x.view(np.uint32)
+    return ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+
+
+def _numpy_view(a: np.ndarray) -> np.ndarray:
+    """The array as the NumPy class takes it: bfloat16 bits as ml_dtypes.bfloat16 (no copy)."""
+    if a.dtype == np.uint16:
+        import ml_dtypes
+
+        return a.view(ml_dtypes.bfloat16)
+    return a
+
+
+def _torch_view(a: np.ndarray):
+    """The array as a zero-copy tensor: bfloat16 bits as torch.bfloat16."""
+    import torch
+
+    if a.dtype == np.uint16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
 
 
 class Buffers:
     """The param, grad and state arrays every implementation steps in turn.
+
+    They hold the workload's precision: bfloat16 as raw bits (uint16), which the
+    core takes as they are, the NumPy class as ml_dtypes.bfloat16 and torch as
+    torch.bfloat16, all without a copy; an 8-bit moment as uint8 codes beside one
+    float32 absmax per block of 256 (``absmaxs[key][i]``, None for a tensor under
+    MIN_8BIT_SIZE, whose moments stay float32 as the optimizers keep them). ``fp32``
+    holds float32 buffers of the same shapes and starting values (the workload's
+    own when it is float32): the cpuadam-fp32 row steps them and the roofline
+    proxy reads them.
 
     Pages are written here (``fill``, not ``np.zeros``, whose untouched pages
     all map the kernel's one zero page and would make the first reads look
@@ -196,23 +326,61 @@ class Buffers:
     """
 
     def __init__(self, workload: Workload, seed: int = 0):
-        rng = np.random.default_rng(seed)
         self.workload = workload
-        self.params = [self._normal(rng, s, 0.02) for s in workload.shapes]
-        self.grads = [self._normal(rng, s, 1.0) for s in workload.shapes]
-        self.exp_avgs = [self._zeros(s) for s in workload.shapes]
-        self.exp_avg_sqs = [self._zeros(s) for s in workload.shapes]
-        self.max_exp_avg_sqs = [self._zeros(s) for s in workload.shapes] if workload.amsgrad else []
-        # The roofline proxy adds its grads to three buffers; zeros leave them as they are.
-        self.zero_grads = [self._zeros(s) for s in workload.shapes]
+        precision = workload.precision
+        if precision is FP32:
+            rng = np.random.default_rng(seed)
+            self.fp32 = self
+            self.params = [self._normal(rng, s, 0.02) for s in workload.shapes]
+            self.grads = [self._normal(rng, s, 1.0) for s in workload.shapes]
+            # The roofline proxy adds its grads to three buffers; zeros leave them as they are.
+            self.zero_grads = [self._zeros(s, np.float32) for s in workload.shapes]
+        else:
+            self.fp32 = Buffers(workload.as_fp32(), seed)
+            self.params = [self._converted(p, precision.param_dtype) for p in self.fp32.params]
+            self.grads = [self._converted(g, precision.param_dtype) for g in self.fp32.grads]
+            self.zero_grads = []
+        self.state_dtypes = [precision.state_dtype_of(math.prod(s)) for s in workload.shapes]
+        storage = {"float32": np.float32, "bfloat16": np.uint16, "8bit": np.uint8}
+        self.moments = {key: [self._zeros(s, storage[d]) for s, d in zip(workload.shapes, self.state_dtypes)]
+                        for key in workload.moment_keys}
+        self.absmaxs = {key: [self._zeros((quant_blocks(math.prod(s)),), np.float32) if d == "8bit" else None
+                              for s, d in zip(workload.shapes, self.state_dtypes)]
+                        for key in workload.moment_keys}
         self._torch_params = None
 
+    @property
+    def exp_avgs(self) -> list:
+        return self.moments["exp_avg"]
+
+    @property
+    def exp_avg_sqs(self) -> list:
+        return self.moments["exp_avg_sq"]
+
+    @property
+    def max_exp_avg_sqs(self) -> list:
+        return self.moments.get("max_exp_avg_sq", [])
+
     @staticmethod
-    def _empty(shape: tuple) -> np.ndarray:
-        size = int(np.prod(shape, dtype=np.int64))
-        raw = np.empty(4 * size + 64, dtype=np.uint8)
+    def nbytes(workload: Workload) -> int:
+        """What Buffers(workload) allocates, float32 twin included."""
+        n, moments = workload.n_params, len(workload.moment_keys)
+        total = 4 * n * (3 + moments)  # param, grad, zero grad and moments
+        precision = workload.precision
+        if precision is not FP32:
+            for shape in workload.shapes:
+                numel = math.prod(shape)
+                state = precision.state_dtype_of(numel)
+                total += 2 * numel * _ITEMSIZE[precision.param_dtype] + moments * numel * _ITEMSIZE[state]
+                total += moments * 4 * quant_blocks(numel) if state == "8bit" else 0
+        return total
+
+    @staticmethod
+    def _empty(shape: tuple, dtype=np.float32) -> np.ndarray:
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        raw = np.empty(nbytes + 64, dtype=np.uint8)
         start = -raw.__array_interface__["data"][0] % 64
-        return raw[start:start + 4 * size].view(np.float32).reshape(shape)
+        return raw[start:start + nbytes].view(dtype).reshape(shape)
 
     @classmethod
     def _normal(cls, rng: np.random.Generator, shape: tuple, scale: float) -> np.ndarray:
@@ -222,20 +390,34 @@ class Buffers:
         return a
 
     @classmethod
-    def _zeros(cls, shape: tuple) -> np.ndarray:
-        a = cls._empty(shape)
-        a.fill(0.0)
+    def _zeros(cls, shape: tuple, dtype) -> np.ndarray:
+        a = cls._empty(shape, dtype)
+        a.fill(0)
         return a
+
+    @classmethod
+    def _converted(cls, a: np.ndarray, dtype: str) -> np.ndarray:
+        out = cls._empty(a.shape, np.float32 if dtype == "float32" else np.uint16)
+        out[...] = a if dtype == "float32" else _bfloat16_bits(a)
+        return out
+
+    def state(self, i: int, view: Callable) -> dict:
+        """Tensor i's moments as an optimizer's state entries (8-bit: codes, absmax and map)."""
+        out = {}
+        for key, arrays in self.moments.items():
+            out[key] = view(arrays[i])
+            if self.absmaxs[key][i] is not None:
+                out[key + "_absmax"] = view(self.absmaxs[key][i])
+                out[key + "_qmap"] = view(_core.qmap(QUANT_MAPS[key]))
+        return out
 
     def torch_params(self) -> list:
         """Zero-copy torch views of the params, each with its grad attached (made once)."""
         if self._torch_params is None:
-            import torch
-
             params = []
             for p, g in zip(self.params, self.grads):
-                t = torch.from_numpy(p).requires_grad_()
-                t.grad = torch.from_numpy(g)
+                t = _torch_view(p).requires_grad_()
+                t.grad = _torch_view(g)
                 params.append(t)
             self._torch_params = params
         return self._torch_params
@@ -318,18 +500,46 @@ def _availability(keys: Sequence[str]) -> dict:
                 from deepspeed.ops.adam import DeepSpeedCPUAdam  # noqa: F401
             except Exception as exc:
                 reason = f"DeepSpeed is not importable ({type(exc).__name__}: {exc})"
+        elif key == "bitsandbytes":
+            try:
+                importlib.import_module("bitsandbytes").optim.AdamW8bit  # noqa: B018
+            except Exception as exc:
+                reason = f"bitsandbytes is not importable ({type(exc).__name__}: {exc})"
         reasons[key] = reason
     return reasons
 
 
-def _torch_state(bufs: Buffers, i: int, step) -> dict:
-    import torch
-
-    state = {"step": step, "exp_avg": torch.from_numpy(bufs.exp_avgs[i]),
-             "exp_avg_sq": torch.from_numpy(bufs.exp_avg_sqs[i])}
-    if bufs.workload.amsgrad:
-        state["max_exp_avg_sq"] = torch.from_numpy(bufs.max_exp_avg_sqs[i])
-    return state
+def _unsupported(key: str, workload: Workload) -> str | None:
+    """Why an implementation cannot step a workload as it is arranged, or None."""
+    precision = workload.precision
+    if key == "cpuadam-fp32" and precision is FP32:
+        return "the workload is float32 (its cpuadam._core row is this step)"
+    if key == "numpy" and precision is not FP32:
+        return "the NumPy peer steps float32 buffers only"
+    if key in _CLASS_FEATURES and precision.param_dtype == "bfloat16":
+        try:
+            import ml_dtypes  # noqa: F401
+        except ImportError:
+            return "bfloat16 NumPy arrays need ml_dtypes (pip install 'cpuadam[bf16]')"
+    if key.startswith("torch-"):
+        if precision.state_dtype == "8bit":
+            return "torch.optim has no 8-bit moments"
+        if precision.state_dtype != precision.param_dtype:
+            return "torch.optim keeps the moments in the param's dtype"
+    if key == "deepspeed":
+        if precision.state_dtype != "float32":
+            return ("DeepSpeedCPUAdam keeps float32 moments for bfloat16 params (the bf16-fp32 workload)"
+                    if precision.state_dtype == "bfloat16" else "DeepSpeedCPUAdam has no 8-bit moments")
+        if workload.amsgrad:
+            return "DeepSpeedCPUAdam does not implement AMSGrad"
+        if workload.each:
+            return "DeepSpeedCPUAdam runs py-cpuinfo in each constructor (seconds)"
+    if key == "bitsandbytes":
+        if precision.state_dtype != "8bit":
+            return "bitsandbytes is timed on 8-bit workloads (its AdamW8bit) only"
+        if workload.amsgrad:
+            return "AdamW8bit does not support AMSGrad"
+    return None
 
 
 def _each(make: Callable[[list, int], Callable[[], None]], n: int) -> Callable[[], None]:
@@ -344,50 +554,71 @@ def _each(make: Callable[[list, int], Callable[[], None]], n: int) -> Callable[[
 
 def _prepare(key: str, bufs: Buffers) -> Callable[[], None]:
     """Builds one implementation over the shared buffers; returns its zero-argument step."""
+    reason = _unsupported(key, bufs.workload)
+    if reason:
+        raise _Unsupported(reason)
     if bufs.workload.each and key not in ("numpy", "roofline"):
-        if key == "deepspeed":
-            raise _Unsupported("DeepSpeedCPUAdam runs py-cpuinfo in each constructor (seconds)")
         return _each(lambda idx, i: _prepare_one(key, bufs, idx), len(bufs.params))
     return _prepare_one(key, bufs, list(range(len(bufs.params))))
 
 
+def _core_step(bufs: Buffers, idx: list) -> Callable[[], None]:
+    """cpuadam._core.adam_step over the tensors idx, its batches built once: one batch per
+    moment dtype, since an 8-bit workload's small tensors keep float32 moments."""
+    workload, precision = bufs.workload, bufs.workload.precision
+    members: dict = {}
+    for k, i in enumerate(idx):
+        members.setdefault(bufs.state_dtypes[i], []).append((k, i))
+    batches = []
+    for state_dtype, pairs in members.items():
+        batch = {"params": [bufs.params[i] for _, i in pairs], "grads": [bufs.grads[i] for _, i in pairs],
+                 "step": 0, "lr": LR, "beta1": BETAS[0], "beta2": BETAS[1], "eps": EPS,
+                 "weight_decay": WEIGHT_DECAY, "amsgrad": workload.amsgrad, "maximize": False,
+                 "decoupled": True, "decay_mode": "lr", "eps_mode": "torch", "group": 0,
+                 "indices": [k for k, _ in pairs],
+                 "param_dtype": precision.param_dtype, "grad_dtype": precision.param_dtype,
+                 "state_dtype": state_dtype}
+        for key in workload.moment_keys:
+            batch[key + "s"] = [bufs.moments[key][i] for _, i in pairs]
+            if state_dtype == "8bit":
+                batch[key + "_absmaxs"] = [bufs.absmaxs[key][i] for _, i in pairs]
+        batches.append(batch)
+
+    def core_step() -> None:
+        for batch in batches:
+            batch["step"] += 1
+        _core.adam_step(batches)
+    return core_step
+
+
 def _prepare_one(key: str, bufs: Buffers, idx: list) -> Callable[[], None]:
     """One optimizer over the tensors idx of the shared buffers; returns its step."""
-    amsgrad = bufs.workload.amsgrad
+    workload = bufs.workload
+    amsgrad, precision = workload.amsgrad, workload.precision
     if key in _CLASS_FEATURES:
         features = _CLASS_FEATURES[key]
-        opt = cpuadam.AdamW([bufs.params[i] for i in idx], lr=LR, betas=BETAS, eps=EPS,
-                            weight_decay=WEIGHT_DECAY, amsgrad=amsgrad, **features)
+        opt = cpuadam.AdamW([_numpy_view(bufs.params[i]) for i in idx], lr=LR, betas=BETAS, eps=EPS,
+                            weight_decay=WEIGHT_DECAY, amsgrad=amsgrad, state_dtype=precision.state_dtype,
+                            min_8bit_size=MIN_8BIT_SIZE, **features)
         for k, i in enumerate(idx):
-            state = {"step": 0, "exp_avg": bufs.exp_avgs[i], "exp_avg_sq": bufs.exp_avg_sqs[i]}
-            if amsgrad:
-                state["max_exp_avg_sq"] = bufs.max_exp_avg_sqs[i]
+            state = {"step": 0, **bufs.state(i, _numpy_view)}
             if features.get("use_ema"):
-                state["ema"] = bufs.params[i].copy()
+                state["ema"] = _numpy_view(bufs.params[i]).astype(np.float32)
             opt.state[k] = state
-        grads = [bufs.grads[i] for i in idx]
+        grads = [_numpy_view(bufs.grads[i]) for i in idx]
         return lambda: opt.step(grads)
     if key == "cpuadam._core":
-        batch = {"params": [bufs.params[i] for i in idx], "grads": [bufs.grads[i] for i in idx],
-                 "exp_avgs": [bufs.exp_avgs[i] for i in idx],
-                 "exp_avg_sqs": [bufs.exp_avg_sqs[i] for i in idx],
-                 "max_exp_avg_sqs": [bufs.max_exp_avg_sqs[i] for i in idx] if amsgrad else [],
-                 "step": 0, "lr": LR, "beta1": BETAS[0], "beta2": BETAS[1], "eps": EPS,
-                 "weight_decay": WEIGHT_DECAY, "amsgrad": amsgrad, "maximize": False,
-                 "decoupled": True, "decay_mode": "lr", "eps_mode": "torch", "group": 0,
-                 "indices": list(range(len(idx)))}
-
-        def core_step() -> None:
-            batch["step"] += 1
-            _core.adam_step([batch])
-        return core_step
+        return _core_step(bufs, idx)
+    if key == "cpuadam-fp32":
+        return _core_step(bufs.fp32, idx)
     if key == "numpy":
         opt = NumpyAdamW(bufs.params, bufs.exp_avgs, bufs.exp_avg_sqs, bufs.max_exp_avg_sqs,
                          amsgrad=amsgrad)
         grads = bufs.grads
         return lambda: opt.step(grads)
     if key == "roofline":
-        args = (bufs.params, bufs.zero_grads, bufs.exp_avgs, bufs.exp_avg_sqs)
+        fp32 = bufs.fp32
+        args = (fp32.params, fp32.zero_grads, fp32.exp_avgs, fp32.exp_avg_sqs)
         return lambda: _core.stream_pass(*args)
 
     import torch
@@ -401,22 +632,28 @@ def _prepare_one(key: str, bufs: Buffers, idx: list) -> Callable[[], None]:
         opt = torch.optim.AdamW(params, amsgrad=amsgrad, **hyper, **flavour)
         for i, p in zip(idx, params):
             # torch.optim keeps `step` as a float32 scalar tensor on the params' device.
-            opt.state[p] = _torch_state(bufs, i, torch.tensor(0.0, dtype=torch.float32))
+            opt.state[p] = {"step": torch.tensor(0.0, dtype=torch.float32), **bufs.state(i, _torch_view)}
         return opt.step
     if key == "deepspeed":
-        if amsgrad:
-            raise _Unsupported("DeepSpeedCPUAdam does not implement AMSGrad")
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+        # Given float32 moments it steps bfloat16 params as it does its own (fp32_optimizer_states).
         opt = DeepSpeedCPUAdam(params, adamw_mode=True, **hyper)
         for i, p in zip(idx, params):
-            opt.state[p] = _torch_state(bufs, i, 0)
+            opt.state[p] = {"step": 0, **bufs.state(i, _torch_view)}
+        return opt.step
+    if key == "bitsandbytes":
+        import bitsandbytes
+
+        # Its codes, absmax and code maps have their own layout: it makes its state on its first step.
+        opt = bitsandbytes.optim.AdamW8bit(params, min_8bit_size=MIN_8BIT_SIZE, **hyper)
         return opt.step
     if key == "cpuadam.torch":
         # Its state has torch.optim's layout, so it takes the shared buffers too.
-        opt = importlib.import_module("cpuadam.torch").AdamW(params, amsgrad=amsgrad, **hyper)
+        opt = importlib.import_module("cpuadam.torch").AdamW(
+            params, amsgrad=amsgrad, state_dtype=precision.state_dtype, min_8bit_size=MIN_8BIT_SIZE, **hyper)
         for i, p in zip(idx, params):
-            opt.state[p] = _torch_state(bufs, i, torch.tensor(0.0, dtype=torch.float32))
+            opt.state[p] = {"step": torch.tensor(0.0, dtype=torch.float32), **bufs.state(i, _torch_view)}
         return opt.step
     raise KeyError(key)
 
@@ -553,14 +790,25 @@ def _time_rounds(steps: dict, rounds: int, warmup: int, progress: _Progress, fai
     return {k: v for k, v in times.items() if k not in failures}
 
 
+def _bytes_moved(workload: Workload, key: str) -> int:
+    """Bytes one step of implementation key moves on the workload."""
+    if key == "roofline":
+        # The proxy is the float32 pass of 28 B/param, whatever the workload's step moves.
+        return BYTES_PER_PARAM * workload.n_params
+    if key == "cpuadam-fp32":
+        return workload.as_fp32().bytes_per_step
+    return workload.bytes_per_step
+
+
 def _row(workload: Workload, threads: int, key: str, times: list) -> dict:
     median = statistics.median(times)
-    # The proxy moves 28 B/param even where the step moves 32 (AMSGrad).
-    moved = BYTES_PER_PARAM * workload.n_params if key == "roofline" else workload.bytes_per_step
+    moved = _bytes_moved(workload, key)
     return {
         "workload": workload.name, "threads": threads, "impl": key, "label": _IMPL_BY_KEY[key].label,
-        "n_params": workload.n_params, "n_tensors": workload.n_tensors, "amsgrad": workload.amsgrad,
-        "bytes_per_step": moved, "times_s": times, "median_s": median, "min_s": min(times),
+        "precision": workload.precision.name, "n_params": workload.n_params,
+        "n_tensors": workload.n_tensors, "amsgrad": workload.amsgrad,
+        "bytes_per_step": moved, "bytes_per_param": moved / workload.n_params,
+        "times_s": times, "median_s": median, "min_s": min(times),
         "gbps": moved / median / 1e9, "us_per_tensor": median / workload.n_tensors * 1e6,
     }
 
@@ -597,8 +845,7 @@ def run(workloads: Sequence[Workload], threads: Sequence[int], impls: Sequence[s
     bar = _Progress(len(workloads) * len(threads) * (rounds + warmup), enabled=progress)
     try:
         for workload in workloads:
-            n_buffers = 6 if workload.amsgrad else 5
-            bar.describe(f"{workload.name}: allocating {n_buffers * 4 * workload.n_params / 2**20:,.0f} MiB")
+            bar.describe(f"{workload.name}: allocating {Buffers.nbytes(workload) / 2**20:,.0f} MiB")
             bufs = Buffers(workload)
             steps: dict = {}
             for key in usable:
@@ -633,7 +880,8 @@ def run(workloads: Sequence[Workload], threads: Sequence[int], impls: Sequence[s
     _add_ratios(rows)
     return {"meta": machine_info(), "config": {
         "workloads": [{"name": w.name, "n_params": w.n_params, "n_tensors": w.n_tensors,
-                       "amsgrad": w.amsgrad} for w in workloads],
+                       "amsgrad": w.amsgrad, "each": w.each, "precision": w.precision.name,
+                       "bytes_per_param": w.bytes_per_param} for w in workloads],
         "threads": list(threads), "impls": list(impls), "rounds": rounds, "warmup": warmup,
         "hyperparameters": {"lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": WEIGHT_DECAY}},
         "rows": rows, "skipped": skipped, "many_tensor_cost": _many_tensor_cost(rows)}
@@ -651,7 +899,7 @@ def _many_tensor_cost(rows: list) -> list:
         if row["n_tensors"] == 1 or row["impl"] == "roofline":
             continue
         candidates = [s for s in singles if s["impl"] == row["impl"] and s["threads"] == row["threads"]
-                      and s["amsgrad"] == row["amsgrad"]
+                      and s["amsgrad"] == row["amsgrad"] and s["precision"] == row["precision"]
                       and abs(math.log2(s["n_params"] / row["n_params"])) <= 1.0]
         if not candidates:
             continue
@@ -693,12 +941,16 @@ def machine_info() -> dict:
         "cpu": _cpu_model(), "machine": platform.machine(), "system": platform.system(),
         "python": platform.python_version(), "numpy": np.__version__,
         "torch": _dist_version("torch"), "deepspeed": _dist_version("deepspeed"),
+        "bitsandbytes": _dist_version("bitsandbytes"), "ml_dtypes": _dist_version("ml_dtypes"),
     }
 
 
 def header_lines(meta: dict, config: dict) -> list:
     forced = "forced by CPUADAM_ISA" if meta["isa_forced"] else "auto"
-    peers = ", ".join(f"{name} {meta[name]}" for name in ("torch", "deepspeed") if meta[name])
+    peers = ", ".join(f"{name} {meta[name]}" for name in ("torch", "deepspeed", "bitsandbytes", "ml_dtypes")
+                      if meta.get(name))
+    moved = ", ".join(f"{name} {PRECISIONS[name].bytes_per_param():g} ({PRECISIONS[name].bytes_per_param(True):g})"
+                      for name in config.get("precisions", ["fp32"]))
     return [
         f"cpuadam {meta['cpuadam']}: ISA level {meta['isa_selected']} ({forced}; compiled: "
         f"{', '.join(meta['isa_compiled'])}), {meta['openmp']}, {meta['compiler']}",
@@ -706,9 +958,8 @@ def header_lines(meta: dict, config: dict) -> list:
         f"default threads {meta['default_num_threads']}; threads measured: "
         f"{', '.join(map(str, config['threads']))}",
         f"Python {meta['python']}, NumPy {meta['numpy']}" + (f", {peers}" if peers else "") + f"; {meta['date']}",
-        f"fp32 AdamW (lr {LR:g}, weight_decay {WEIGHT_DECAY:g}); {BYTES_PER_PARAM} B/param "
-        f"({BYTES_PER_PARAM_AMSGRAD} with AMSGrad); median of {config['rounds']} interleaved steps "
-        f"after {config['warmup']} warm-up",
+        f"AdamW (lr {LR:g}, weight_decay {WEIGHT_DECAY:g}); bytes moved per param (with AMSGrad): {moved}; "
+        f"median of {config['rounds']} interleaved steps after {config['warmup']} warm-up",
     ]
 
 
@@ -734,9 +985,12 @@ def table_rows(report: dict) -> tuple:
     return headers, out
 
 
-LEGEND = ("ms/step: median; GB/s: bytes an fp32 step must move (28/param, 32 with AMSGrad) per second; "
+LEGEND = ("ms/step: median; GB/s: bytes the workload's precision must move per param (fp32 28, bf16 14, "
+          "bf16-fp32 22, 8bit 16.06, bf16-8bit 10.06; AMSGrad moves a third moment; cpuadam-fp32 and the "
+          "roofline proxy move float32 bytes) per second; "
           "% roofline: GB/s over the roofline proxy's GB/s in the same rounds; "
-          "vs X: X's time / this row's time (above 1: this row is faster); "
+          "vs X: X's time / this row's time (above 1: this row is faster; vs fp32: the speed-up over "
+          "cpuadam's float32 step on the same shapes); "
           "µs/tensor: step time / number of tensors.")
 
 
@@ -788,14 +1042,25 @@ def _section_tables(report: dict, scaling: bool) -> list:
     return sections
 
 
+def skipped_lines(skipped: list) -> list:
+    """One line per implementation, thread count and reason, naming every workload it covers."""
+    grouped: dict = {}
+    for s in skipped:
+        grouped.setdefault((s["impl"], s["threads"], s["reason"]), []).append(s["workload"])
+    lines = []
+    for (impl, threads, reason), names in grouped.items():
+        names = [n for n in names if n]
+        lines.append(f"skipped {impl}" + (f" on {', '.join(names)}" if names else "")
+                     + (f" at {threads} threads" if threads else "") + f": {reason}")
+    return lines
+
+
 def print_report(report: dict, *, markdown: bool = False, scaling: bool = False, file=None) -> None:
     """Prints the tables: rich on a terminal, aligned text otherwise, or Markdown."""
     file = file or sys.stdout
     headers, rows = table_rows(report)
     sections = _section_tables(report, scaling)
-    extras = [f"skipped {s['impl']}" + (f" on {s['workload']}" if s["workload"] else "")
-              + (f" at {s['threads']} threads" if s["threads"] else "") + f": {s['reason']}"
-              for s in report["skipped"]]
+    extras = skipped_lines(report["skipped"])
     use_rich = False
     if not markdown and file is sys.stdout and sys.stdout.isatty():
         try:
@@ -829,7 +1094,8 @@ def print_report(report: dict, *, markdown: bool = False, scaling: bool = False,
 
 
 def plot(report: dict, path: str) -> None:
-    """GB/s against param count per implementation, one panel per thread count, roofline drawn."""
+    """GB/s against param count per implementation and precision, one panel per thread count,
+    roofline drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -838,26 +1104,34 @@ def plot(report: dict, path: str) -> None:
     threads = report["config"]["threads"]
     fig, axes = plt.subplots(1, len(threads), figsize=(6.5 * len(threads), 4.8), squeeze=False, sharey=True)
     colours = dict(zip(_IMPL_BY_KEY, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2))
+    styles = dict(zip(PRECISIONS, ("o-", "s--", "^-.", "D:", "v:")))
     for ax, n in zip(axes[0], threads):
         rows = [r for r in report["rows"] if r["threads"] == n and not r["amsgrad"]]
+        # The proxy is the same float32 pass in every precision's rounds: one point per size.
+        proxy: dict = {}
+        for r in rows:
+            if r["impl"] == "roofline":
+                proxy.setdefault((r["n_params"], r["n_tensors"] > 1), []).append(r["gbps"])
+        single = sorted((x, statistics.mean(v)) for (x, many), v in proxy.items() if not many)
+        many = [(x, statistics.mean(v)) for (x, is_many), v in proxy.items() if is_many]
+        if single:
+            ax.plot(*zip(*single), "k--", lw=2.5, label="roofline proxy", zorder=3)
+        if many:
+            ax.scatter(*zip(*many), marker="x", s=50, color="k", zorder=3)
         for key in _IMPL_BY_KEY:
-            mine = [r for r in rows if r["impl"] == key]
-            single = sorted((r for r in mine if r["n_tensors"] == 1), key=lambda r: r["n_params"])
-            many = [r for r in mine if r["n_tensors"] > 1]
-            if key == "roofline":
+            if key in ("roofline", "cpuadam-fp32"):  # the latter is cpuadam._core's fp32 row again
+                continue
+            for precision in PRECISIONS:
+                mine = [r for r in rows if r["impl"] == key and r["precision"] == precision]
+                label = key if precision == "fp32" else f"{key} {precision}"
+                single = sorted((r for r in mine if r["n_tensors"] == 1), key=lambda r: r["n_params"])
+                many = [r for r in mine if r["n_tensors"] > 1]
                 if single:
-                    ax.plot([r["n_params"] for r in single], [r["gbps"] for r in single], "k--", lw=2.5,
-                            label="roofline proxy", zorder=3)
+                    ax.plot([r["n_params"] for r in single], [r["gbps"] for r in single], styles[precision],
+                            color=colours[key], label=label)
                 if many:
                     ax.scatter([r["n_params"] for r in many], [r["gbps"] for r in many], marker="x", s=50,
-                               color="k", zorder=3)
-                continue
-            if single:
-                ax.plot([r["n_params"] for r in single], [r["gbps"] for r in single], "o-",
-                        color=colours[key], label=key)
-            if many:
-                ax.scatter([r["n_params"] for r in many], [r["gbps"] for r in many], marker="x", s=50,
-                           color=colours[key], label=None if single else key)
+                               color=colours[key], label=None if single else label)
         for name in sorted({r["workload"] for r in rows if r["n_tensors"] > 1}):
             x = next(r["n_params"] for r in rows if r["workload"] == name)
             ax.axvline(x, color="0.85", lw=0.8, zorder=0)
@@ -867,10 +1141,10 @@ def plot(report: dict, path: str) -> None:
         ax.set_xlabel("parameters per step (lines: one tensor; x: many tensors)")
         ax.set_title(f"{n} thread{'s' if n > 1 else ''}")
         ax.grid(True, which="major", alpha=0.3)
-    axes[0][0].set_ylabel("GB/s (28 B per fp32 param)")
+    axes[0][0].set_ylabel("GB/s (bytes each precision moves per param)")
     axes[0][-1].legend(fontsize=8, loc="best")
     meta = report["meta"]
-    fig.suptitle(f"fp32 AdamW step, cpuadam {meta['cpuadam']} ({meta['isa_selected']}), {meta['cpu']}", fontsize=10)
+    fig.suptitle(f"AdamW step, cpuadam {meta['cpuadam']} ({meta['isa_selected']}), {meta['cpu']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -878,18 +1152,40 @@ def plot(report: dict, path: str) -> None:
 
 # --------------------------------------------------------------------------- command line
 
+def _cross_precisions(names: list, precisions: list) -> list:
+    """Each workload name that names no precision, once per precision (fp32: the name as it is)."""
+    unknown = [p for p in precisions if p.lower() not in PRECISIONS]
+    if unknown:
+        raise ValueError(f"unknown precision(s) {', '.join(unknown)}; choose from {', '.join(PRECISIONS)}")
+    out = []
+    for name in names:
+        base, *suffixes = name.split(":")
+        if any(s.strip().lower() in PRECISIONS for s in suffixes):
+            out.append(name)
+            continue
+        for precision in precisions:
+            out.append(name if precision.lower() == "fp32" else ":".join([base, precision.lower(), *suffixes]))
+    return out
+
+
 def _parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m cpuadam.bench",
-        description="Time cpuadam's fp32 AdamW step against torch.optim, DeepSpeedCPUAdam, NumPy and a "
-                    "memory-roofline proxy, interleaved in one process.",
+        description="Time cpuadam's AdamW step (float32, bfloat16 and 8-bit storage) against torch.optim, "
+                    "DeepSpeedCPUAdam, bitsandbytes, NumPy and a memory-roofline proxy, interleaved in one "
+                    "process.",
         epilog=LEGEND)
     parser.add_argument("--quick", action="store_true",
                         help=f"about 30 s: workloads {','.join(QUICK_SIZES)}, fewer rounds")
     parser.add_argument("--sizes", metavar="LIST",
                         help="comma-separated workloads: SIZE (one tensor: 4096, 64k, 16M; M = 2**20), "
-                             "COUNTxSIZE (4096x4096), gpt2; append :amsgrad for AMSGrad, :each for one optimizer per tensor "
-                             f"(default {','.join(DEFAULT_SIZES)})")
+                             "COUNTxSIZE (4096x4096), gpt2; then any of :PRECISION (" + ", ".join(PRECISIONS)
+                             + "; default fp32), :amsgrad for AMSGrad, :each for one optimizer per tensor, "
+                             f"e.g. gpt2:bf16, 16M:8bit:amsgrad (default {','.join(DEFAULT_SIZES)})")
+    parser.add_argument("--precisions", metavar="LIST",
+                        help="comma-separated precisions (" + "; ".join(f"{p.name}: {p.arrangement}"
+                                                                        for p in PRECISIONS.values())
+                             + "): each workload that names none runs once in each")
     parser.add_argument("--threads", metavar="LIST", type=_parse_threads, default=None,
                         help="comma-separated thread counts; 'all' = every available CPU, "
                              "'pow2' = 1, 2, 4, ... and all (default 1,all)")
@@ -907,8 +1203,10 @@ def _parse_args(argv) -> argparse.Namespace:
     args = parser.parse_args(argv)
     try:
         specs = args.sizes.split(",") if args.sizes else QUICK_SIZES if args.quick else DEFAULT_SIZES
-        names = list(dict.fromkeys(s.strip() for s in specs if s.strip()))
-        args.workloads = [parse_workload(s) for s in names]
+        names = [s.strip() for s in specs if s.strip()]
+        if args.precisions:
+            names = _cross_precisions(names, [p.strip() for p in args.precisions.split(",") if p.strip()])
+        args.workloads = [parse_workload(s) for s in dict.fromkeys(names)]
     except ValueError as exc:
         parser.error(str(exc))
     if not args.workloads:
@@ -929,7 +1227,8 @@ def _parse_args(argv) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Runs the benchmark from command-line arguments, prints the tables, returns the report."""
     args = _parse_args(argv)
-    config = {"threads": args.threads, "rounds": args.rounds, "warmup": args.warmup}
+    config = {"threads": args.threads, "rounds": args.rounds, "warmup": args.warmup,
+              "precisions": list(dict.fromkeys(w.precision.name for w in args.workloads))}
     for line in header_lines(machine_info(), config):
         print(line)
     print(flush=True)
