@@ -363,13 +363,7 @@ DType parse_dtype(const py::dict& d, const char* key, const std::string& in_grou
   if (s == "float32") return DType::Float32;
   if (s == "bfloat16") return DType::BFloat16;
   if (s == "8bit" && std::string(key) == "state_dtype") return DType::Blockwise8;
-  if (s == "float16") {
-    if (std::string(key) == "state_dtype")
-      throw py::value_error("invalid state_dtype" + in_group +
-                            ": 'float16' (float16 states are not supported; expected 'float32' or "
-                            "'bfloat16')");
-    return DType::Float16;
-  }
+  if (s == "float16") return DType::Float16;
   throw py::value_error("invalid " + std::string(key) + in_group + ": '" + s +
                         "' (expected 'float32', 'bfloat16' or 'float16')");
 }
@@ -542,6 +536,12 @@ Batch make_batch(const py::dict& d, Optim optim) {
   a.param_dtype = parse_dtype(d, "param_dtype", in_group);
   a.grad_dtype = parse_dtype(d, "grad_dtype", in_group);
   a.state_dtype = parse_dtype(d, "state_dtype", in_group);
+  // float16 moments are kept for float16 models (torch's arrangement), whose
+  // grads are float16 or float32; the kernels carry no bfloat16-grad variant.
+  if (a.state_dtype == DType::Float16 && a.grad_dtype == DType::BFloat16)
+    throw py::value_error("invalid state_dtype" + in_group +
+                          ": 'float16' with bfloat16 grads (float16 states take float32 or "
+                          "float16 grads)");
   // Checked for every param dtype, used only for bfloat16/float16 params.
   const ParamUpdate update = parse_param_update(get_or<std::string>(d, "param_update", "nearest"), in_group);
   std::vector<StateList> lists;

@@ -426,7 +426,8 @@ bool step_8bit(const StepArgs& a) {
 template <template <typename, typename, typename> class Pick>
 bool step_direct(const StepArgs& a) {
   if (a.param_dtype != DType::BFloat16 || a.param_update != ParamUpdate::Nearest ||
-      a.grad_dtype != DType::BFloat16 || a.ema != Ema::Off)
+      a.grad_dtype != DType::BFloat16 || a.ema != Ema::Off ||
+      (a.state_dtype != DType::BFloat16 && a.state_dtype != DType::Float32))
     return false;
   if (a.state_dtype == DType::BFloat16)
     run_all<BFloat16, ParamUpdate::Nearest, BFloat16, true>(
@@ -442,8 +443,16 @@ bool step_direct(const StepArgs& a) {
 template <template <typename, typename, typename> class Pick>
 bool step(const StepArgs& a) {
   if (a.state_dtype == DType::Blockwise8) return step_8bit<Pick>(a);
-  if (a.state_dtype == DType::Float16) return false;
   if (step_direct<Pick>(a)) return true;
+  if (a.state_dtype == DType::Float16) {
+    // float16 moments (a float16 model as torch.optim keeps it): float32 grads, or
+    // float16 grads as a float32 tile; the binding refuses bfloat16 grads.
+    switch (a.grad_dtype) {
+      case DType::Float32: run_param<float>(a, Pick<float, float, Float16>::fn(a), 2); return true;
+      case DType::Float16: run_param<Float16>(a, Pick<float, float, Float16>::fn(a), 2); return true;
+      default: return false;
+    }
+  }
   const bool bf16_state = a.state_dtype == DType::BFloat16;
   const int64_t state_size = bf16_state ? 2 : 4;
   switch (a.grad_dtype) {

@@ -23,7 +23,9 @@ SIZES = [0, 1, 7, 8, 9, 15, 16, 17, 31, 33, 1000]
 PAIRS = [("float32", "float32"), ("float32", "bfloat16"), ("float32", "float16"), ("bfloat16", "bfloat16"),
          ("bfloat16", "float32"), ("float16", "float16"), ("float16", "float32"), ("bfloat16", "float16"),
          ("float16", "bfloat16")]
-COMBOS = [(p, g, s) for p, g in PAIRS for s in ("float32", "bfloat16")]
+COMBOS = [(p, g, s) for p, g in PAIRS for s in ("float32", "bfloat16")] + [
+    # float16 moments, as torch.optim keeps them for float16 params: float32 or float16 grads.
+    (p, g, "float16") for p, g in PAIRS if g != "bfloat16"]
 ADAM = {
     "adamw": dict(lr=1e-2, weight_decay=0.05, beta1=0.9, beta2=0.999, eps=1e-8, decoupled=True),
     "adam_l2_amsgrad": dict(lr=1e-2, weight_decay=0.05, beta1=0.9, beta2=0.99, eps=1e-6, amsgrad=True),
@@ -379,17 +381,18 @@ import sys
 import numpy as np
 from cpuadam import _core
 d, out = np.load(sys.argv[1]), {}
-for pdt, view in (("bfloat16", np.uint16), ("float16", np.float16)):
+for pdt, view, sdt in (("bfloat16", np.uint16, "bfloat16"), ("float16", np.float16, "bfloat16"),
+                       ("float16", np.float16, "float16")):
     for update in ("nearest", "stochastic", "kahan", "master"):
         p = (d["bf16"] if pdt == "bfloat16" else d["f16"]).view(view).copy()
         extra = dict(seed=5, rounding_step=3, stream_ids=[0], kahan_comps=[np.zeros_like(p)],
                      masters=[d["masters"].copy()])
-        buf = [d["m"].copy()]
+        buf = [d["m"].copy() if sdt == "bfloat16" else d["m16"].view(np.float16).copy()]
         _core.sgd_step([dict(params=[p], grads=[d["g16"].view(np.float16)], grad_dtype="float16", lr=1.0,
                              weight_decay=0.0, momentum=0.9, momentum_buffers=buf, param_dtype=pdt,
-                             state_dtype="bfloat16", param_update=update, **extra)])
-        out[f"{pdt}/{update}"] = p.view(np.uint16)
-        out[f"{pdt}/{update}/momentum_buffer"] = buf[0]
+                             state_dtype=sdt, param_update=update, **extra)])
+        out[f"{pdt}/{sdt}/{update}"] = p.view(np.uint16)
+        out[f"{pdt}/{sdt}/{update}/momentum_buffer"] = buf[0].view(np.uint16)
 np.savez(sys.argv[2], **out)
 """
 
@@ -404,7 +407,8 @@ def test_every_level_gives_the_same_bits_for_16_bit_params_grads_and_states(tmp_
     x = np.where(np.isfinite(x), x, 1.0).astype(np.float32)  # finite starts, edges included
     small = (rng.standard_normal(x.size) * 10.0 ** rng.uniform(-9, 1, x.size)).astype(np.float32)
     np.savez(tmp_path / "in.npz", bf16=bf16_round_nearest(small), f16=f16_round_nearest(small),
-             masters=x, m=bf16_round_nearest(small * 0.1), g16=f16_round_nearest(small * 3))
+             masters=x, m=bf16_round_nearest(small * 0.1), m16=f16_round_nearest(small * 0.1),
+             g16=f16_round_nearest(small * 3))
     outputs = {}
     for level in levels:
         proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "in.npz"), str(tmp_path / f"{level}.npz")],
@@ -489,7 +493,8 @@ def rejection_cases():
          f"kahan_comp of params[0] in group 0: {bf16_msg}"),
         ("unknown_param_dtype", base(param_dtype="bf16"), ValueError, "invalid param_dtype in group 0: 'bf16'"),
         ("unknown_grad_dtype", base(grad_dtype="half"), ValueError, "invalid grad_dtype in group 0: 'half'"),
-        ("float16_state", base(state_dtype="float16"), ValueError, "invalid state_dtype in group 0: 'float16'"),
+        ("float16_state_bf16_grad", base(state_dtype="float16", grad_dtype="bfloat16"), ValueError,
+         "invalid state_dtype in group 0: 'float16' with bfloat16 grads"),
         ("unknown_update", base(param_update="round"), ValueError, "invalid param_update in group 0: 'round'"),
         ("missing_masters", base(param_update="master"), ValueError, "batch is missing 'masters'"),
         ("missing_kahan", base(param_update="kahan"), ValueError, "batch is missing 'kahan_comps'"),

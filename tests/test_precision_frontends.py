@@ -47,8 +47,6 @@ def test_bfloat16_params_match_torch_fused_adamw_bitwise(amsgrad):
         assert torch.equal(oa.state[a][key], value), key
 
 
-@pytest.mark.xfail(strict=True, reason="float16 moments are not in the kernel yet: float16 "
-                   "params keep float32 moments, where torch keeps float16 ones")
 def test_float16_params_match_torch_fused_adamw_to_one_ulp():
     torch.manual_seed(0)
     a = torch.nn.Parameter(torch.randn(3001).to(torch.float16))
@@ -202,7 +200,7 @@ def test_numpy_low_precision_params_take_the_float32_update_rounded(dtype):
 @pytest.mark.parametrize("make", [
     lambda: cpuadam.AdamW([np.ones(3, np.float32)], param_update="round"),
     lambda: ct.AdamW([torch.nn.Parameter(torch.ones(3))], param_update="truncate"),
-    lambda: cpuadam.SGD([np.ones(3, np.float32)], state_dtype="float16"),
+    lambda: cpuadam.SGD([np.ones(3, np.float32)], state_dtype="half"),
     lambda: cpuadam.AdamW([np.ones(3, np.float32)], seed=-1),
 ], ids=["numpy-param_update", "torch-param_update", "state_dtype", "seed"])
 def test_bogus_precision_options_are_refused_naming_the_option(make):

@@ -26,7 +26,7 @@ from cpuadam import _core
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _EPS_MODES = ("torch", "keras")
 _DECAY_MODES = ("lr", "independent")
-STATE_DTYPES = ("float32", "bfloat16", "8bit")
+STATE_DTYPES = ("float32", "bfloat16", "float16", "8bit")
 PARAM_UPDATES = ("nearest", "stochastic", "kahan", "master")
 # Float dtypes the fused kernel steps, by name.
 KERNEL_DTYPES = ("float32", "bfloat16", "float16")

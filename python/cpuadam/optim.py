@@ -286,8 +286,9 @@ _OPTIONS = """
             ``finalize()``, ``swap_ema()``).
         skip_nonfinite: a step whose grads hold inf/NaN changes nothing and is
             counted in ``skipped_steps`` (default: on when a loss scale is set).
-        state_dtype: "float32" or "bfloat16" storage of the moments (NumPy
-            classes: "float32" by default; cpuadam.torch: the param's dtype).
+        state_dtype: "float32", "bfloat16", "float16" (float32 or float16
+            grads only) or "8bit" storage of the moments (NumPy classes:
+            "float32" by default; cpuadam.torch: the param's dtype).
         param_update: how a bfloat16/float16 param takes its update: "nearest"
             (round to nearest even), "stochastic" (stochastic rounding keyed by
             ``seed``, the step and the element), "kahan" (a compensation buffer)
