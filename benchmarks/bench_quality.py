@@ -14,7 +14,9 @@ yardstick for "as good as float32".
 default lr always runs first: it is the yardstick). --curve adds the loss at each quarter of the
 run. --probe follows every float32-param row with float32 moments fed the same grads (a shadow
 AdamW on the row's own trajectory) and reports, over the last quarter of the steps, how the
-row's stored exp_avg_sq and its actual step compare with the shadow's.
+row's stored exp_avg_sq and its actual step compare with the shadow's. The row
+model-8bit-stochastic-v (run only when named) is a NumPy model, not a cpuadam option: 8-bit
+moments whose exp_avg_sq codes are rounded stochastically instead of to the nearest code.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 import cpuadam
 import cpuadam.torch as ct
+from cpuadam import _core
 
 LR = 3e-4
 BETAS = (0.9, 0.999)
@@ -44,6 +48,56 @@ def _bitsandbytes(params, lr: float, seed: int):
 
     # min_8bit_size=1: every tensor 8-bit, as in cpuadam's 8-bit rows (both default to 4096).
     return bnb.optim.AdamW8bit(params, lr=lr, betas=BETAS, eps=EPS, weight_decay=0.0, min_8bit_size=1)
+
+
+class StochasticV8bit(torch.optim.Optimizer):
+    """A model, not cpuadam's kernel: AdamW with 8-bit moments as cpuadam stores them, except
+    that each exp_avg_sq code is rounded stochastically between the two map values around
+    x = v / absmax, up with probability (x - lower) / (upper - lower), so that the stored v is v
+    in expectation. Deterministic nearest rounding drops the many increments (1 - beta2) * g**2
+    smaller than half a code gap; this row measures what unbiased rounding of v gives."""
+
+    def __init__(self, params, lr: float, seed: int):
+        super().__init__(params, dict(lr=lr))
+        self.gen = np.random.default_rng(seed)
+        self.qmap = {name: _core.qmap(name) for name in ("signed", "unsigned")}
+
+    def _quantize(self, values: np.ndarray, name: str, stochastic: bool):
+        codes, absmax = _core.quantize_blockwise(values, name)
+        if stochastic:
+            q = self.qmap[name]
+            x = values / np.repeat(np.where(absmax > 0, absmax, 1), 256)[:values.size]
+            lower = np.clip(np.searchsorted(q, x, side="right") - 1, 0, 254)
+            up = (x - q[lower]) / (q[lower + 1] - q[lower])
+            codes = (lower + (self.gen.random(values.size) < up)).astype(np.uint8)
+        return codes, absmax
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state[p]
+                g = p.grad.numpy().reshape(-1)
+                if not st:
+                    st["step"] = 0
+                    for key, name in (("exp_avg", "signed"), ("exp_avg_sq", "unsigned")):
+                        st[key] = torch.zeros(g.size, dtype=torch.uint8)
+                        st[key + "_absmax"] = torch.zeros(-(-g.size // 256))
+                        st[key + "_qmap"] = torch.from_numpy(self.qmap[name])
+                st["step"] += 1
+                m = _core.dequantize_blockwise(st["exp_avg"].numpy(), st["exp_avg_absmax"].numpy(), "signed")
+                v = _core.dequantize_blockwise(st["exp_avg_sq"].numpy(), st["exp_avg_sq_absmax"].numpy(),
+                                               "unsigned")
+                m = (np.float32(BETAS[0]) * m + np.float32(1 - BETAS[0]) * g).astype(np.float32)
+                v = (np.float32(BETAS[1]) * v + np.float32(1 - BETAS[1]) * g * g).astype(np.float32)
+                bc1, bc2 = 1 - BETAS[0] ** st["step"], 1 - BETAS[1] ** st["step"]
+                update = np.float32(group["lr"] / bc1) * m / (np.sqrt(v) / np.float32(bc2**0.5) + np.float32(EPS))
+                p.view(-1).sub_(torch.from_numpy(update.astype(np.float32)))
+                for key, name, values, stochastic in (("exp_avg", "signed", m, False),
+                                                      ("exp_avg_sq", "unsigned", v, True)):
+                    codes, absmax = self._quantize(values, name, stochastic)
+                    st[key].copy_(torch.from_numpy(codes))
+                    st[key + "_absmax"].copy_(torch.from_numpy(absmax))
 
 
 @dataclass
@@ -80,6 +134,10 @@ EIGHT_BIT = [
     Mode("bf16-8bit-stochastic", "bf16 params, 8-bit moments, stochastic", torch.bfloat16,
          {"state_dtype": "8bit", "param_update": "stochastic", "min_8bit_size": 1}),
 ]
+MODELS = [
+    Mode("model-8bit-stochastic-v", "model: 8-bit moments, exp_avg_sq codes rounded stochastically",
+         torch.float32, make=lambda params, lr, seed: StochasticV8bit(params, lr, seed)),
+]
 BITSANDBYTES = [
     Mode("bnb-8bit", "bitsandbytes AdamW8bit, fp32 params, 8-bit moments", torch.float32,
          make=_bitsandbytes),
@@ -90,7 +148,7 @@ def available_modes() -> list[Mode]:
     modes = list(MODES)
     try:
         ct.AdamW([torch.nn.Parameter(torch.zeros(8))], state_dtype="8bit")
-        modes += EIGHT_BIT
+        modes += EIGHT_BIT + MODELS
     except (TypeError, ValueError):
         pass
     try:
@@ -104,7 +162,7 @@ def available_modes() -> list[Mode]:
 def select_modes(spec: Optional[str], modes: list[Mode]) -> list[Mode]:
     """The rows named by --modes (KEY or KEY@LR), float32 at the default lr first."""
     if spec is None:
-        return modes
+        return [m for m in modes if m not in MODELS]
     by_key = {m.key: m for m in modes}
     chosen = [by_key["fp32"]]
     for item in spec.split(","):
