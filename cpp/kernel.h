@@ -85,7 +85,7 @@ inline void adam_range(P* __restrict param, const G* __restrict grad, S* __restr
   // Every load comes before the first store: a load issued after a store to an
   // address with the same low 12 bits (page-aligned buffers) can stall on a
   // false dependency.
-  for_lanes(n, [&](auto lane, int64_t i) {
+  for_lanes<WideLanes<P, G, S>>(n, [&](auto lane, int64_t i) CPUADAM_INLINE_BODY {
     using L = decltype(lane);
     L p = load_lanes(lane, param + i);
     L g = effective_grad<kGrad>(lane, grad, grad_accum, i, grad_scale, clip_value);
@@ -118,7 +118,7 @@ inline void sgd_range(P* __restrict param, const G* __restrict grad, S* __restri
   const float neg_lr = -sc.step_size, weight_decay = sc.weight_decay, clip_value = sc.clip_value;
   const float momentum = sc.momentum, one_minus_dampening = sc.one_minus_dampening;
   const float ema_momentum = sc.ema_momentum, one_minus_ema = sc.one_minus_ema_momentum;
-  for_lanes(n, [&](auto lane, int64_t i) {
+  for_lanes<WideLanes<P, G, S>>(n, [&](auto lane, int64_t i) CPUADAM_INLINE_BODY {
     using L = decltype(lane);
     L p = load_lanes(lane, param + i);
     L g = effective_grad<kGrad>(lane, grad, grad_accum, i, grad_scale, clip_value);
@@ -140,7 +140,7 @@ inline void sgd_range(P* __restrict param, const G* __restrict grad, S* __restri
 
 template <typename G>
 inline void accumulate_range(const G* __restrict grad, float* __restrict grad_accum, int64_t n) {
-  for_lanes(n, [&](auto lane, int64_t i) {
+  for_lanes(n, [&](auto lane, int64_t i) CPUADAM_INLINE_BODY {
     store_lanes(grad_accum + i, load_lanes(lane, grad_accum + i) + load_lanes(lane, grad + i));
   });
 }
@@ -178,7 +178,7 @@ inline double block_sum_squares(const G* __restrict grad, const float* __restric
 template <ParamUpdate kUpdate, typename P>
 inline void load_param_tile(const P* __restrict param, const P* __restrict kahan_comp,
                             float* __restrict tile, int64_t n) {
-  for_lanes(n, [&](auto lane, int64_t i) {
+  for_lanes(n, [&](auto lane, int64_t i) CPUADAM_INLINE_BODY {
     auto p = load_lanes(lane, param + i);
     if constexpr (kUpdate == ParamUpdate::Kahan) p = p + load_lanes(lane, kahan_comp + i);
     store_lanes(tile + i, p);
@@ -193,7 +193,7 @@ inline void store_param_tile(const float* __restrict tile, P* __restrict param,
                              P* __restrict kahan_comp, int64_t n, uint32_t index0, uint32_t key0,
                              uint32_t key1) {
   if constexpr (kUpdate == ParamUpdate::Stochastic && std::is_same_v<P, BFloat16>) {
-    for_lanes(n, [&](auto lane, int64_t i) {
+    for_lanes(n, [&](auto lane, int64_t i) CPUADAM_INLINE_BODY {
       store_stochastic_lanes(param + i, load_lanes(lane, tile + i),
                              index0 + static_cast<uint32_t>(i), key0, key1);
     });
@@ -202,7 +202,7 @@ inline void store_param_tile(const float* __restrict tile, P* __restrict param,
     for (int64_t i = 0; i < n; ++i)
       store_stochastic_lanes(param + i, tile[i], index0 + static_cast<uint32_t>(i), key0, key1);
   } else {
-    for_lanes(n, [&](auto lane, int64_t i) {
+    for_lanes(n, [&](auto lane, int64_t i) CPUADAM_INLINE_BODY {
       const auto x = load_lanes(lane, tile + i);
       store_lanes(param + i, x);
       if constexpr (kUpdate == ParamUpdate::Kahan) {
