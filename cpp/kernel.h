@@ -19,10 +19,12 @@
 //   p    = p - lr * g
 //
 // Element types: the arithmetic is always float32. The functions below are
-// templated on P (param: float32 here; a bfloat16/float16 param is stepped as a
-// float32 tile, see below), G (grad: float32 or bfloat16; float16 grads arrive
-// as a float32 tile) and S (exp_avg, exp_avg_sq, max_exp_avg_sq, momentum
-// buffer: float32 or bfloat16). grad_accum and ema are always float32.
+// templated on P (the param handle: a float32 pointer (the param, a float32
+// tile of a 16-bit param, or the master); a bfloat16 pointer, or a
+// StochasticParam, for bfloat16 params stepped in place, see kernel_isa.cpp),
+// G (grad: float32 or bfloat16; float16 grads arrive as a float32 tile) and S
+// (exp_avg, exp_avg_sq, max_exp_avg_sq, momentum buffer: float32, bfloat16 or
+// float16). grad_accum and ema are always float32.
 //
 // How a bfloat16/float16 param takes its update (ParamUpdate), with q the
 // stored param, c the compensation, M the float32 master, step() the update above:
@@ -71,7 +73,7 @@ inline L effective_grad(L lane, const G* __restrict grad, float* __restrict grad
 
 template <DecayMode kDecay, Amsgrad kAmsgrad, GradInput kGrad, Ema kEma, typename P,
           typename G, typename S>
-inline void adam_range(P* __restrict param, const G* __restrict grad, S* __restrict exp_avg,
+inline void adam_range(P param, const G* __restrict grad, S* __restrict exp_avg,
                        S* __restrict exp_avg_sq, S* __restrict max_exp_avg_sq,
                        float* __restrict grad_accum, float* __restrict ema, int64_t n, float grad_scale,
                        const StepScalars& sc) {
@@ -85,7 +87,7 @@ inline void adam_range(P* __restrict param, const G* __restrict grad, S* __restr
   // Every load comes before the first store: a load issued after a store to an
   // address with the same low 12 bits (page-aligned buffers) can stall on a
   // false dependency.
-  for_lanes<WideLanes<P, G, S>>(n, [&](auto lane, int64_t i) CPUADAM_INLINE_BODY {
+  for_lanes<WideLanes<typename ParamElement<P>::type, G, S>>(n, [&](auto lane, int64_t i) CPUADAM_INLINE_BODY {
     using L = decltype(lane);
     L p = load_lanes(lane, param + i);
     L g = effective_grad<kGrad>(lane, grad, grad_accum, i, grad_scale, clip_value);
@@ -112,13 +114,13 @@ inline void adam_range(P* __restrict param, const G* __restrict grad, S* __restr
 
 template <DecayMode kDecay, Momentum kMomentum, Nesterov kNesterov, GradInput kGrad,
           Ema kEma, typename P, typename G, typename S>
-inline void sgd_range(P* __restrict param, const G* __restrict grad, S* __restrict momentum_buffer,
+inline void sgd_range(P param, const G* __restrict grad, S* __restrict momentum_buffer,
                       float* __restrict grad_accum, float* __restrict ema, int64_t n, float grad_scale,
                       const StepScalars& sc) {
   const float neg_lr = -sc.step_size, weight_decay = sc.weight_decay, clip_value = sc.clip_value;
   const float momentum = sc.momentum, one_minus_dampening = sc.one_minus_dampening;
   const float ema_momentum = sc.ema_momentum, one_minus_ema = sc.one_minus_ema_momentum;
-  for_lanes<WideLanes<P, G, S>>(n, [&](auto lane, int64_t i) CPUADAM_INLINE_BODY {
+  for_lanes<WideLanes<typename ParamElement<P>::type, G, S>>(n, [&](auto lane, int64_t i) CPUADAM_INLINE_BODY {
     using L = decltype(lane);
     L p = load_lanes(lane, param + i);
     L g = effective_grad<kGrad>(lane, grad, grad_accum, i, grad_scale, clip_value);

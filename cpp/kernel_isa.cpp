@@ -113,6 +113,8 @@ T* at_bytes(void* base, int64_t first, int64_t elem) {
 // the param itself, see run_direct), the grad likewise.
 struct RunPtrs {
   void* param;
+  // Stochastic rounding in place: element i of the run is keyed by index0 + i.
+  uint32_t index0, key0, key1;
   const void* grad;
   void* exp_avg;  // SGD: momentum_buffer
   void* exp_avg_sq;
@@ -126,11 +128,20 @@ struct RunPtrs {
 // tile without being instantiated again for every flag combination.
 using RangeFn = void (*)(const RunPtrs& r, int64_t n, float grad_scale, const StepScalars& sc);
 
+// The param handle of a run: a pointer, or a StochasticParam.
+template <typename P>
+auto param_handle(const RunPtrs& r) {
+  if constexpr (std::is_same_v<P, StochasticParam>)
+    return StochasticParam{static_cast<BFloat16*>(r.param), r.index0, r.key0, r.key1};
+  else
+    return static_cast<P*>(r.param);
+}
+
 template <DecayMode kDecay, Amsgrad kAmsgrad, GradInput kGrad, Ema kEma, typename P, typename G,
           typename S>
 void adam_run(const RunPtrs& r, int64_t n, float grad_scale, const StepScalars& sc) {
   adam_range<kDecay, kAmsgrad, kGrad, kEma>(
-      static_cast<P*>(r.param), static_cast<const G*>(r.grad), static_cast<S*>(r.exp_avg),
+      param_handle<P>(r), static_cast<const G*>(r.grad), static_cast<S*>(r.exp_avg),
       static_cast<S*>(r.exp_avg_sq), static_cast<S*>(r.max_exp_avg_sq), r.grad_accum, r.ema, n,
       grad_scale, sc);
 }
@@ -138,7 +149,7 @@ void adam_run(const RunPtrs& r, int64_t n, float grad_scale, const StepScalars& 
 template <DecayMode kDecay, Momentum kMomentum, Nesterov kNesterov, GradInput kGrad, Ema kEma,
           typename P, typename G, typename S>
 void sgd_run(const RunPtrs& r, int64_t n, float grad_scale, const StepScalars& sc) {
-  sgd_range<kDecay, kMomentum, kNesterov, kGrad, kEma>(static_cast<P*>(r.param),
+  sgd_range<kDecay, kMomentum, kNesterov, kGrad, kEma>(param_handle<P>(r),
                                                        static_cast<const G*>(r.grad),
                                                        static_cast<S*>(r.exp_avg), r.grad_accum,
                                                        r.ema, n, grad_scale, sc);
@@ -200,14 +211,24 @@ constexpr int64_t kTile = 512;
 // A stepped float32 tile of n elements from element i0 back into a 16-bit param.
 // Stochastic rounding keys element i by i0 + i; a run never crosses a multiple of
 // 2^32, whose high part is folded into the key.
+// The stochastic rounding keys of a run starting at element i0 (key0, key1).
+inline void rounding_keys(const TensorSpan& s, int64_t i0, RunPtrs& r) {
+  const uint32_t hi = static_cast<uint32_t>(static_cast<uint64_t>(i0) >> 32);
+  r.index0 = static_cast<uint32_t>(i0);
+  r.key0 = static_cast<uint32_t>(s.rounding_key);
+  r.key1 = static_cast<uint32_t>(s.rounding_key >> 32) ^ mix32(hi);
+}
+
 template <ParamUpdate kUpdate, typename P>
 void store_param_run(const float* tile, const TensorSpan& s, int64_t i0, int64_t n) {
-  const uint32_t hi = static_cast<uint32_t>(static_cast<uint64_t>(i0) >> 32);
-  const uint32_t key0 = static_cast<uint32_t>(s.rounding_key);
-  const uint32_t key1 = static_cast<uint32_t>(s.rounding_key >> 32) ^ mix32(hi);
-  store_param_tile<kUpdate>(tile, at<P>(s.param, i0), at<P>(s.kahan_comp, i0), n,
-                            static_cast<uint32_t>(i0), key0, key1);
+  RunPtrs keys{};
+  rounding_keys(s, i0, keys);
+  store_param_tile<kUpdate>(tile, at<P>(s.param, i0), at<P>(s.kahan_comp, i0), n, keys.index0,
+                            keys.key0, keys.key1);
 }
+
+// Elements from i0 to the next multiple of 2^32, where stochastic keys change.
+inline int64_t to_key_boundary(int64_t i0) { return (int64_t{1} << 32) - (i0 & 0xFFFFFFFF); }
 
 // kDirect: fn reads and writes the bfloat16 param itself (run_direct).
 template <typename P, ParamUpdate kUpdate, typename G, bool kDirect = false>
@@ -216,13 +237,21 @@ void run_tensor(const TensorSpan& s, int64_t first, int64_t count, RangeFn fn, i
   constexpr bool kTiledParam = !std::is_same_v<P, float> && !kDirect;
   constexpr bool kTiledGrad = std::is_same_v<G, Float16>;
   auto ptrs = [&](int64_t i0) {
-    return RunPtrs{at<P>(s.param, i0), at<G>(s.grad, i0),
+    return RunPtrs{at<P>(s.param, i0), 0, 0, 0, at<G>(s.grad, i0),
                    at_bytes<void>(s.exp_avg, i0, state_size),
                    at_bytes<void>(s.exp_avg_sq, i0, state_size),
                    at_bytes<void>(s.max_exp_avg_sq, i0, state_size),
                    at<float>(s.grad_accum, i0), at<float>(s.ema, i0)};
   };
-  if constexpr (!kTiledParam && !kTiledGrad) {
+  if constexpr (kDirect && kUpdate == ParamUpdate::Stochastic) {
+    for (int64_t i0 = first, end = first + count; i0 < end;) {
+      const int64_t n = end - i0 < to_key_boundary(i0) ? end - i0 : to_key_boundary(i0);
+      RunPtrs r = ptrs(i0);
+      rounding_keys(s, i0, r);
+      fn(r, n, s.grad_scale, sc);
+      i0 += n;
+    }
+  } else if constexpr (!kTiledParam && !kTiledGrad) {
     fn(ptrs(first), count, s.grad_scale, sc);
   } else {
     alignas(64) float param_tile[kTile];
@@ -230,8 +259,7 @@ void run_tensor(const TensorSpan& s, int64_t first, int64_t count, RangeFn fn, i
     for (int64_t i0 = first, end = first + count; i0 < end;) {
       int64_t n = end - i0 < kTile ? end - i0 : kTile;
       // The stochastic key's index is 32 bits: runs stop at multiples of 2^32.
-      const int64_t to_boundary = (int64_t{1} << 32) - (i0 & 0xFFFFFFFF);
-      n = n < to_boundary ? n : to_boundary;
+      n = n < to_key_boundary(i0) ? n : to_key_boundary(i0);
       RunPtrs r = ptrs(i0);
       if constexpr (kTiledGrad) {
         load_array(at<Float16>(s.grad, i0), grad_tile, n);
@@ -333,7 +361,7 @@ void run_blocks_8bit(const TensorSpan& s, int64_t block0, int64_t nblocks, Range
     const int64_t n = s.numel - i0 < kQuantBlock ? s.numel - i0 : kQuantBlock;
     for (int k = 0; k < num_moments; ++k)
       dequantize_block(moments[k].codes + i0, moments[k].absmax[b], moments[k].tile, n, *moments[k].map);
-    RunPtrs r{at<float>(s.param, i0), at<G>(s.grad, i0),
+    RunPtrs r{at<float>(s.param, i0), 0, 0, 0, at<G>(s.grad, i0),
               s.exp_avg != nullptr ? t.exp_avg : nullptr,
               s.exp_avg_sq != nullptr ? t.exp_avg_sq : nullptr,
               s.max_exp_avg_sq != nullptr ? t.max_exp_avg_sq : nullptr,
@@ -419,23 +447,29 @@ bool step_8bit(const StepArgs& a) {
   return false;
 }
 
-// bfloat16 params rounded to nearest with bfloat16 grads and no EMA (a bfloat16
-// model under torch's arrangement, with bfloat16 or float32 moments): the
-// arithmetic reads and writes the param itself, with no float32 tile between
-// (the tile's extra loads, stores and loop cost as much as the conversions).
+// bfloat16 params rounded to nearest or stochastically, with bfloat16 grads and
+// no EMA (a bfloat16 model, with bfloat16 or float32 moments): the arithmetic
+// reads and writes the param itself, with no float32 tile between (the tile's
+// extra loads, stores and loop cost as much as the conversions).
 template <template <typename, typename, typename> class Pick>
 bool step_direct(const StepArgs& a) {
-  if (a.param_dtype != DType::BFloat16 || a.param_update != ParamUpdate::Nearest ||
-      a.grad_dtype != DType::BFloat16 || a.ema != Ema::Off ||
+  if (a.param_dtype != DType::BFloat16 || a.grad_dtype != DType::BFloat16 || a.ema != Ema::Off ||
       (a.state_dtype != DType::BFloat16 && a.state_dtype != DType::Float32))
     return false;
-  if (a.state_dtype == DType::BFloat16)
-    run_all<BFloat16, ParamUpdate::Nearest, BFloat16, true>(
-        a, Pick<BFloat16, BFloat16, BFloat16>::fn(a), 2);
-  else
-    run_all<BFloat16, ParamUpdate::Nearest, BFloat16, true>(
-        a, Pick<BFloat16, BFloat16, float>::fn(a), 4);
-  return true;
+  auto run = [&](auto update, auto handle) {
+    using H = typename decltype(handle)::type;
+    if (a.state_dtype == DType::BFloat16)
+      run_all<BFloat16, decltype(update)::value, BFloat16, true>(a, Pick<H, BFloat16, BFloat16>::fn(a), 2);
+    else
+      run_all<BFloat16, decltype(update)::value, BFloat16, true>(a, Pick<H, BFloat16, float>::fn(a), 4);
+  };
+  switch (a.param_update) {
+    case ParamUpdate::Nearest: run(Flag<ParamUpdate::Nearest>{}, TypeTag<BFloat16>{}); return true;
+    case ParamUpdate::Stochastic:
+      run(Flag<ParamUpdate::Stochastic>{}, TypeTag<StochasticParam>{});
+      return true;
+    default: return false;
+  }
 }
 
 // The arithmetic reads float32 or bfloat16 grads; float16 grads come as a

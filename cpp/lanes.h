@@ -126,23 +126,28 @@ inline __m256i mix32(__m256i x) {
   return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
 }
 
-inline __m256i rounding_bits8(uint32_t index, uint32_t key0, uint32_t key1) {
-  const __m256i i = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(index)),
-                                     _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+// rounding_bits of elements index + offsets[k] (the lane order of the caller).
+inline __m256i rounding_bits8(uint32_t index, __m256i offsets, uint32_t key0, uint32_t key1) {
+  const __m256i i = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(index)), offsets);
   const __m256i h = mix32(_mm256_xor_si256(i, _mm256_set1_epi32(static_cast<int32_t>(key0))));
   return mix32(_mm256_add_epi32(h, _mm256_set1_epi32(static_cast<int32_t>(key1))));
 }
 
-// bf16_bits_stochastic of elements index .. index + 7 (the scalar form below). Magnitudes are at most
-// 0x7FFFFFFF, so the signed compare orders them as unsigned.
-inline void store_stochastic_lanes(BFloat16* dst, F8 x, uint32_t index, uint32_t key0,
-                                   uint32_t key1) {
+// bf16_bits_stochastic on eight lanes with their random bits. Magnitudes are at
+// most 0x7FFFFFFF, so the signed compare orders them as unsigned.
+inline __m256i bf16_bits_stochastic(F8 x, __m256i random) {
   const __m256i u = _mm256_castps_si256(x.v);
-  const __m256i random = rounding_bits8(index, key0, key1);
   const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_srli_epi32(random, 16)), 16);
   const __m256i mag = _mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF));
   const __m256i no_upper = _mm256_cmpgt_epi32(mag, _mm256_set1_epi32(0x7F7F0000));
-  store8x16(dst, pack_u16(_mm256_blendv_epi8(rounded, bf16_bits_nearest(x), no_upper)));
+  return _mm256_blendv_epi8(rounded, bf16_bits_nearest(x), no_upper);
+}
+
+// Stochastic rounding of elements index .. index + 7 into dst.
+inline void store_stochastic_lanes(BFloat16* dst, F8 x, uint32_t index, uint32_t key0,
+                                   uint32_t key1) {
+  const __m256i order = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  store8x16(dst, pack_u16(bf16_bits_stochastic(x, rounding_bits8(index, order, key0, key1))));
 }
 #endif
 
@@ -193,7 +198,55 @@ inline void store_lanes(float* dst, F16 x) {
   _mm256_storeu_ps(dst, _mm256_permute2f128_ps(x.a.v, x.b.v, 0x20));
   _mm256_storeu_ps(dst + 8, _mm256_permute2f128_ps(x.a.v, x.b.v, 0x31));
 }
+
+inline void store_stochastic_lanes(BFloat16* dst, F16 x, uint32_t index, uint32_t key0,
+                                   uint32_t key1) {
+  const __m256i a = bf16_bits_stochastic(
+      x.a, rounding_bits8(index, _mm256_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11), key0, key1));
+  const __m256i b = bf16_bits_stochastic(
+      x.b, rounding_bits8(index, _mm256_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15), key0, key1));
+  _mm256_storeu_si256(static_cast<__m256i*>(static_cast<void*>(dst)), _mm256_packus_epi32(a, b));
+}
 #endif
+
+// A bfloat16 param that takes its update by stochastic rounding, stepped in
+// place: element i of the run is keyed by index0 + i (see store_param_tile).
+// param + i, load_lanes and store_lanes work on it as on a plain pointer.
+struct StochasticParam {
+  BFloat16* p;
+  uint32_t index0, key0, key1;
+};
+
+struct StochasticParamAt {
+  BFloat16* p;
+  uint32_t index, key0, key1;
+};
+
+inline StochasticParamAt operator+(const StochasticParam& s, int64_t i) {
+  return {s.p + i, s.index0 + static_cast<uint32_t>(i), s.key0, s.key1};
+}
+
+template <typename L>
+inline L load_lanes(L lane, StochasticParamAt at) {
+  return load_lanes(lane, static_cast<const BFloat16*>(at.p));
+}
+
+template <typename L>
+inline void store_lanes(StochasticParamAt at, L x) {
+  store_stochastic_lanes(at.p, x, at.index, at.key0, at.key1);
+}
+
+// The element type a param handle (a pointer or a StochasticParam) stores.
+template <typename P>
+struct ParamElement;
+template <typename T>
+struct ParamElement<T*> {
+  using type = T;
+};
+template <>
+struct ParamElement<StochasticParam> {
+  using type = BFloat16;
+};
 
 // The widest lane type for a loop over buffers of the given element types.
 template <typename... T>
