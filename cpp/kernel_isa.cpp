@@ -115,6 +115,8 @@ struct RunPtrs {
   void* param;
   // Stochastic rounding in place: element i of the run is keyed by index0 + i.
   uint32_t index0, key0, key1;
+  // A master stepped in place (param is the master): the bfloat16 param.
+  void* rounded;
   const void* grad;
   void* exp_avg;  // SGD: momentum_buffer
   void* exp_avg_sq;
@@ -128,11 +130,13 @@ struct RunPtrs {
 // tile without being instantiated again for every flag combination.
 using RangeFn = void (*)(const RunPtrs& r, int64_t n, float grad_scale, const StepScalars& sc);
 
-// The param handle of a run: a pointer, or a StochasticParam.
+// The param handle of a run: a pointer, a StochasticParam or a MasterParam.
 template <typename P>
 auto param_handle(const RunPtrs& r) {
   if constexpr (std::is_same_v<P, StochasticParam>)
     return StochasticParam{static_cast<BFloat16*>(r.param), r.index0, r.key0, r.key1};
+  else if constexpr (std::is_same_v<P, MasterParam>)
+    return MasterParam{static_cast<float*>(r.param), static_cast<BFloat16*>(r.rounded)};
   else
     return static_cast<P*>(r.param);
 }
@@ -230,14 +234,14 @@ void store_param_run(const float* tile, const TensorSpan& s, int64_t i0, int64_t
 // Elements from i0 to the next multiple of 2^32, where stochastic keys change.
 inline int64_t to_key_boundary(int64_t i0) { return (int64_t{1} << 32) - (i0 & 0xFFFFFFFF); }
 
-// kDirect: fn reads and writes the bfloat16 param itself (run_direct).
+// kDirect: fn reads and writes the bfloat16 param (or its master) itself (step_direct).
 template <typename P, ParamUpdate kUpdate, typename G, bool kDirect = false>
 void run_tensor(const TensorSpan& s, int64_t first, int64_t count, RangeFn fn, int64_t state_size,
                 const StepScalars& sc) {
   constexpr bool kTiledParam = !std::is_same_v<P, float> && !kDirect;
   constexpr bool kTiledGrad = std::is_same_v<G, Float16>;
   auto ptrs = [&](int64_t i0) {
-    return RunPtrs{at<P>(s.param, i0), 0, 0, 0, at<G>(s.grad, i0),
+    return RunPtrs{at<P>(s.param, i0), 0, 0, 0, nullptr, at<G>(s.grad, i0),
                    at_bytes<void>(s.exp_avg, i0, state_size),
                    at_bytes<void>(s.exp_avg_sq, i0, state_size),
                    at_bytes<void>(s.max_exp_avg_sq, i0, state_size),
@@ -251,6 +255,11 @@ void run_tensor(const TensorSpan& s, int64_t first, int64_t count, RangeFn fn, i
       fn(r, n, s.grad_scale, sc);
       i0 += n;
     }
+  } else if constexpr (kDirect && kUpdate == ParamUpdate::Master) {
+    RunPtrs r = ptrs(first);
+    r.rounded = r.param;
+    r.param = at<float>(s.master, first);
+    fn(r, count, s.grad_scale, sc);
   } else if constexpr (!kTiledParam && !kTiledGrad) {
     fn(ptrs(first), count, s.grad_scale, sc);
   } else {
@@ -361,7 +370,7 @@ void run_blocks_8bit(const TensorSpan& s, int64_t block0, int64_t nblocks, Range
     const int64_t n = s.numel - i0 < kQuantBlock ? s.numel - i0 : kQuantBlock;
     for (int k = 0; k < num_moments; ++k)
       dequantize_block(moments[k].codes + i0, moments[k].absmax[b], moments[k].tile, n, *moments[k].map);
-    RunPtrs r{at<float>(s.param, i0), 0, 0, 0, at<G>(s.grad, i0),
+    RunPtrs r{at<float>(s.param, i0), 0, 0, 0, nullptr, at<G>(s.grad, i0),
               s.exp_avg != nullptr ? t.exp_avg : nullptr,
               s.exp_avg_sq != nullptr ? t.exp_avg_sq : nullptr,
               s.max_exp_avg_sq != nullptr ? t.max_exp_avg_sq : nullptr,
@@ -447,10 +456,11 @@ bool step_8bit(const StepArgs& a) {
   return false;
 }
 
-// bfloat16 params rounded to nearest or stochastically, with bfloat16 grads and
-// no EMA (a bfloat16 model, with bfloat16 or float32 moments): the arithmetic
-// reads and writes the param itself, with no float32 tile between (the tile's
-// extra loads, stores and loop cost as much as the conversions).
+// bfloat16 params rounded to nearest or stochastically, or from a float32
+// master, with bfloat16 grads and no EMA (a bfloat16 model, with bfloat16 or
+// float32 moments): the arithmetic reads and writes the param (or the master
+// and the param) itself, with no float32 tile between (the tile's extra loads,
+// stores and loop cost as much as the conversions).
 template <template <typename, typename, typename> class Pick>
 bool step_direct(const StepArgs& a) {
   if (a.param_dtype != DType::BFloat16 || a.grad_dtype != DType::BFloat16 || a.ema != Ema::Off ||
@@ -468,6 +478,7 @@ bool step_direct(const StepArgs& a) {
     case ParamUpdate::Stochastic:
       run(Flag<ParamUpdate::Stochastic>{}, TypeTag<StochasticParam>{});
       return true;
+    case ParamUpdate::Master: run(Flag<ParamUpdate::Master>{}, TypeTag<MasterParam>{}); return true;
     default: return false;
   }
 }

@@ -236,7 +236,33 @@ inline void store_lanes(StochasticParamAt at, L x) {
   store_stochastic_lanes(at.p, x, at.index, at.key0, at.key1);
 }
 
-// The element type a param handle (a pointer or a StochasticParam) stores.
+// A float32 master copy stepped in place and rounded to nearest into its
+// bfloat16 param, as the tiled path does (ParamUpdate::Master).
+struct MasterParam {
+  float* master;
+  BFloat16* param;
+};
+
+struct MasterParamAt {
+  float* master;
+  BFloat16* param;
+};
+
+inline MasterParamAt operator+(const MasterParam& m, int64_t i) { return {m.master + i, m.param + i}; }
+
+template <typename L>
+inline L load_lanes(L lane, MasterParamAt at) {
+  return load_lanes(lane, static_cast<const float*>(at.master));
+}
+
+template <typename L>
+inline void store_lanes(MasterParamAt at, L x) {
+  store_lanes(at.master, x);
+  store_lanes(at.param, x);
+}
+
+// The element type a param handle (a pointer, a StochasticParam or a
+// MasterParam) is read from.
 template <typename P>
 struct ParamElement;
 template <typename T>
@@ -246,6 +272,10 @@ struct ParamElement<T*> {
 template <>
 struct ParamElement<StochasticParam> {
   using type = BFloat16;
+};
+template <>
+struct ParamElement<MasterParam> {
+  using type = float;
 };
 
 // The widest lane type for a loop over buffers of the given element types.
