@@ -115,7 +115,8 @@ struct RunPtrs {
   void* param;
   // Stochastic rounding in place: element i of the run is keyed by index0 + i.
   uint32_t index0, key0, key1;
-  // A master stepped in place (param is the master): the bfloat16 param.
+  // A master stepped in place (param is the master): the bfloat16 param;
+  // Kahan in place: the compensation.
   void* rounded;
   const void* grad;
   void* exp_avg;  // SGD: momentum_buffer
@@ -137,6 +138,8 @@ auto param_handle(const RunPtrs& r) {
     return StochasticParam{static_cast<BFloat16*>(r.param), r.index0, r.key0, r.key1};
   else if constexpr (std::is_same_v<P, MasterParam>)
     return MasterParam{static_cast<float*>(r.param), static_cast<BFloat16*>(r.rounded)};
+  else if constexpr (std::is_same_v<P, KahanParam>)
+    return KahanParam{static_cast<BFloat16*>(r.param), static_cast<BFloat16*>(r.rounded)};
   else
     return static_cast<P*>(r.param);
 }
@@ -259,6 +262,10 @@ void run_tensor(const TensorSpan& s, int64_t first, int64_t count, RangeFn fn, i
     RunPtrs r = ptrs(first);
     r.rounded = r.param;
     r.param = at<float>(s.master, first);
+    fn(r, count, s.grad_scale, sc);
+  } else if constexpr (kDirect && kUpdate == ParamUpdate::Kahan) {
+    RunPtrs r = ptrs(first);
+    r.rounded = at<P>(s.kahan_comp, first);
     fn(r, count, s.grad_scale, sc);
   } else if constexpr (!kTiledParam && !kTiledGrad) {
     fn(ptrs(first), count, s.grad_scale, sc);
@@ -456,8 +463,8 @@ bool step_8bit(const StepArgs& a) {
   return false;
 }
 
-// bfloat16 params rounded to nearest or stochastically, or from a float32
-// master, with bfloat16 grads and no EMA (a bfloat16 model, with bfloat16 or
+// bfloat16 params in every update mode (nearest, stochastic, Kahan, from a
+// float32 master), with bfloat16 grads and no EMA (a bfloat16 model, with bfloat16 or
 // float32 moments): the arithmetic reads and writes the param (or the master
 // and the param) itself, with no float32 tile between (the tile's extra loads,
 // stores and loop cost as much as the conversions).
@@ -479,6 +486,7 @@ bool step_direct(const StepArgs& a) {
       run(Flag<ParamUpdate::Stochastic>{}, TypeTag<StochasticParam>{});
       return true;
     case ParamUpdate::Master: run(Flag<ParamUpdate::Master>{}, TypeTag<MasterParam>{}); return true;
+    case ParamUpdate::Kahan: run(Flag<ParamUpdate::Kahan>{}, TypeTag<KahanParam>{}); return true;
     default: return false;
   }
 }

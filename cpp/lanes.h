@@ -175,6 +175,9 @@ inline F16 madd(F16 x, F16 y, F16 z) { return {madd(x.a, y.a, z.a), madd(x.b, y.
 inline F16 lane_sqrt(F16 x) { return {lane_sqrt(x.a), lane_sqrt(x.b)}; }
 inline F16 max_of(F16 x, F16 y) { return {max_of(x.a, y.a), max_of(x.b, y.b)}; }
 inline F16 min_of(F16 x, F16 y) { return {min_of(x.a, y.a), min_of(x.b, y.b)}; }
+inline F16 keep_if_finite(F16 probe, F16 x) {
+  return {keep_if_finite(probe.a, x.a), keep_if_finite(probe.b, x.b)};
+}
 
 inline F16 load_lanes(F16, const BFloat16* src) {
   const __m256i x = _mm256_loadu_si256(static_cast<const __m256i*>(static_cast<const void*>(src)));
@@ -236,6 +239,35 @@ inline void store_lanes(StochasticParamAt at, L x) {
   store_stochastic_lanes(at.p, x, at.index, at.key0, at.key1);
 }
 
+// A bfloat16 param with its Kahan compensation (ParamUpdate::Kahan), stepped in
+// place: read as param + compensation, stored rounded to nearest with what the
+// rounding dropped in the compensation, as the tiled path does.
+struct KahanParam {
+  BFloat16* p;
+  BFloat16* comp;
+};
+
+struct KahanParamAt {
+  BFloat16* p;
+  BFloat16* comp;
+};
+
+inline KahanParamAt operator+(const KahanParam& k, int64_t i) { return {k.p + i, k.comp + i}; }
+
+template <typename L>
+inline L load_lanes(L lane, KahanParamAt at) {
+  return load_lanes(lane, static_cast<const BFloat16*>(at.p)) +
+         load_lanes(lane, static_cast<const BFloat16*>(at.comp));
+}
+
+template <typename L>
+inline void store_lanes(KahanParamAt at, L x) {
+  store_lanes(at.p, x);
+  const L stored = load_lanes(L{}, static_cast<const BFloat16*>(at.p));
+  // An inf or NaN param has nothing to compensate (inf - inf would be NaN).
+  store_lanes(at.comp, keep_if_finite(stored, x - stored));
+}
+
 // A float32 master copy stepped in place and rounded to nearest into its
 // bfloat16 param, as the tiled path does (ParamUpdate::Master).
 struct MasterParam {
@@ -261,8 +293,8 @@ inline void store_lanes(MasterParamAt at, L x) {
   store_lanes(at.param, x);
 }
 
-// The element type a param handle (a pointer, a StochasticParam or a
-// MasterParam) is read from.
+// The element type a param handle (a pointer, a StochasticParam, a KahanParam
+// or a MasterParam) is read from.
 template <typename P>
 struct ParamElement;
 template <typename T>
@@ -276,6 +308,10 @@ struct ParamElement<StochasticParam> {
 template <>
 struct ParamElement<MasterParam> {
   using type = float;
+};
+template <>
+struct ParamElement<KahanParam> {
+  using type = BFloat16;
 };
 
 // The widest lane type for a loop over buffers of the given element types.

@@ -543,7 +543,7 @@ def test_accumulate_and_sum_squares_reject_a_grad_of_the_wrong_dtype():
         _core.sum_squares([accum], grad_dtype="bfloat16")
 
 
-@pytest.mark.parametrize("update", ["nearest", "stochastic", "master"])
+@pytest.mark.parametrize("update", ["nearest", "stochastic", "kahan", "master"])
 @pytest.mark.parametrize("sdt", ["bfloat16", "float32"])
 @pytest.mark.parametrize("optim", ["adam", "sgd"])
 def test_bfloat16_params_stepped_in_place_match_the_tiled_path_bitwise(update, sdt, optim, rng):
@@ -556,16 +556,21 @@ def test_bfloat16_params_stepped_in_place_match_the_tiled_path_bitwise(update, s
     # Masters a little off their params, so that rounding them into the param shows.
     masters = [(decode(p, "bfloat16") * (1 + 1e-3)).astype(np.float32) for p in case.params]
     twin_masters = [m.copy() for m in masters]
+    comps = [encode(decode(p, "bfloat16") * 1e-3, "bfloat16") for p in case.params]
+    twin_comps = [c.copy() for c in comps]
     grads = case.grads()
     hyper = dict(ADAM["adam_l2_amsgrad"], step=3) if optim == "adam" else dict(SGD["momentum"])
     extra = dict(param_update=update, seed=11, rounding_step=3, stream_ids=list(range(len(sizes))))
     for threads in (1, 2):
         cpuadam.set_num_threads(threads)
-        step(optim, case.batch(grads, **hyper, **extra, **({"masters": masters} if update == "master" else {})))
+        own = {"master": {"masters": masters}, "kahan": {"kahan_comps": comps}}.get(update, {})
+        twin = {"master": {"masters": twin_masters}, "kahan": {"kahan_comps": twin_comps}}.get(update, {})
+        step(optim, case.batch(grads, **hyper, **extra, **own))
         step(optim, dict(case.batch([decode(g, "bfloat16").astype(np.float32) for g in grads], **hyper, **extra,
-                                    **({"masters": twin_masters} if update == "master" else {})),
+                                    **twin),
                          params=twin_params, grad_dtype="float32", **twin_states))
         np.testing.assert_array_equal(bits(flat(case.params)), bits(flat(twin_params)))
         np.testing.assert_array_equal(bits(flat(masters)), bits(flat(twin_masters)))
+        np.testing.assert_array_equal(bits(flat(comps)), bits(flat(twin_comps)))
         for key in case.states:
             np.testing.assert_array_equal(bits(flat(case.states[key])), bits(flat(twin_states[key])))
