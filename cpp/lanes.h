@@ -212,83 +212,71 @@ inline void store_stochastic_lanes(BFloat16* dst, F16 x, uint32_t index, uint32_
 }
 #endif
 
-// A bfloat16 param that takes its update by stochastic rounding, stepped in
-// place: element i of the run is keyed by index0 + i (see store_param_tile).
-// param + i, load_lanes and store_lanes work on it as on a plain pointer.
+// Param handles for bfloat16 params stepped in place: handle + i is the handle
+// of element i, and load_lanes / store_lanes read and write through it as
+// through a plain pointer.
+//
+// StochasticParam: the update is stored by stochastic rounding; element i of
+// the run is keyed by index0 + i (see store_param_tile).
 struct StochasticParam {
   BFloat16* p;
   uint32_t index0, key0, key1;
 };
 
-struct StochasticParamAt {
-  BFloat16* p;
-  uint32_t index, key0, key1;
-};
-
-inline StochasticParamAt operator+(const StochasticParam& s, int64_t i) {
+inline StochasticParam operator+(const StochasticParam& s, int64_t i) {
   return {s.p + i, s.index0 + static_cast<uint32_t>(i), s.key0, s.key1};
 }
 
 template <typename L>
-inline L load_lanes(L lane, StochasticParamAt at) {
+inline L load_lanes(L lane, StochasticParam at) {
   return load_lanes(lane, static_cast<const BFloat16*>(at.p));
 }
 
 template <typename L>
-inline void store_lanes(StochasticParamAt at, L x) {
-  store_stochastic_lanes(at.p, x, at.index, at.key0, at.key1);
+inline void store_lanes(StochasticParam at, L x) {
+  store_stochastic_lanes(at.p, x, at.index0, at.key0, at.key1);
 }
 
-// A bfloat16 param with its Kahan compensation (ParamUpdate::Kahan), stepped in
-// place: read as param + compensation, stored rounded to nearest with what the
-// rounding dropped in the compensation, as the tiled path does.
+// KahanParam: the param with its compensation (ParamUpdate::Kahan), read as
+// param + compensation, stored rounded to nearest with what the rounding
+// dropped in the compensation, as the tiled path does.
 struct KahanParam {
   BFloat16* p;
   BFloat16* comp;
 };
 
-struct KahanParamAt {
-  BFloat16* p;
-  BFloat16* comp;
-};
-
-inline KahanParamAt operator+(const KahanParam& k, int64_t i) { return {k.p + i, k.comp + i}; }
+inline KahanParam operator+(const KahanParam& k, int64_t i) { return {k.p + i, k.comp + i}; }
 
 template <typename L>
-inline L load_lanes(L lane, KahanParamAt at) {
+inline L load_lanes(L lane, KahanParam at) {
   return load_lanes(lane, static_cast<const BFloat16*>(at.p)) +
          load_lanes(lane, static_cast<const BFloat16*>(at.comp));
 }
 
 template <typename L>
-inline void store_lanes(KahanParamAt at, L x) {
+inline void store_lanes(KahanParam at, L x) {
   store_lanes(at.p, x);
   const L stored = load_lanes(L{}, static_cast<const BFloat16*>(at.p));
   // An inf or NaN param has nothing to compensate (inf - inf would be NaN).
   store_lanes(at.comp, keep_if_finite(stored, x - stored));
 }
 
-// A float32 master copy stepped in place and rounded to nearest into its
-// bfloat16 param, as the tiled path does (ParamUpdate::Master).
+// MasterParam: a float32 master copy stepped in place and rounded to nearest
+// into its bfloat16 param, as the tiled path does (ParamUpdate::Master).
 struct MasterParam {
   float* master;
   BFloat16* param;
 };
 
-struct MasterParamAt {
-  float* master;
-  BFloat16* param;
-};
-
-inline MasterParamAt operator+(const MasterParam& m, int64_t i) { return {m.master + i, m.param + i}; }
+inline MasterParam operator+(const MasterParam& m, int64_t i) { return {m.master + i, m.param + i}; }
 
 template <typename L>
-inline L load_lanes(L lane, MasterParamAt at) {
+inline L load_lanes(L lane, MasterParam at) {
   return load_lanes(lane, static_cast<const float*>(at.master));
 }
 
 template <typename L>
-inline void store_lanes(MasterParamAt at, L x) {
+inline void store_lanes(MasterParam at, L x) {
   store_lanes(at.master, x);
   store_lanes(at.param, x);
 }
