@@ -393,6 +393,19 @@ for pdt, view, sdt in (("bfloat16", np.uint16, "bfloat16"), ("float16", np.float
                              state_dtype=sdt, param_update=update, **extra)])
         out[f"{pdt}/{sdt}/{update}"] = p.view(np.uint16)
         out[f"{pdt}/{sdt}/{update}/momentum_buffer"] = buf[0].view(np.uint16)
+# bfloat16 grads: the in-place path (sixteen and eight lanes where the level has them).
+for update in ("nearest", "stochastic", "kahan", "master"):
+    p = d["bf16"].copy()
+    extra = dict(seed=5, rounding_step=3, stream_ids=[0], kahan_comps=[np.zeros_like(p)],
+                 masters=[d["masters"].copy()])
+    buf = [d["m"].copy()]
+    _core.sgd_step([dict(params=[p], grads=[d["gbf"]], grad_dtype="bfloat16", lr=1.0, weight_decay=0.0,
+                         momentum=0.9, momentum_buffers=buf, param_dtype="bfloat16", state_dtype="bfloat16",
+                         param_update=update, **extra)])
+    out[f"in-place/{update}"] = p
+    out[f"in-place/{update}/momentum_buffer"] = buf[0]
+    out[f"in-place/{update}/master"] = extra["masters"][0]
+    out[f"in-place/{update}/kahan_comp"] = extra["kahan_comps"][0]
 np.savez(sys.argv[2], **out)
 """
 
@@ -408,7 +421,7 @@ def test_every_level_gives_the_same_bits_for_16_bit_params_grads_and_states(tmp_
     small = (rng.standard_normal(x.size) * 10.0 ** rng.uniform(-9, 1, x.size)).astype(np.float32)
     np.savez(tmp_path / "in.npz", bf16=bf16_round_nearest(small), f16=f16_round_nearest(small),
              masters=x, m=bf16_round_nearest(small * 0.1), m16=f16_round_nearest(small * 0.1),
-             g16=f16_round_nearest(small * 3))
+             g16=f16_round_nearest(small * 3), gbf=bf16_round_nearest(small * 3))
     outputs = {}
     for level in levels:
         proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "in.npz"), str(tmp_path / f"{level}.npz")],
