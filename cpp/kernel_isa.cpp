@@ -250,23 +250,23 @@ void run_tensor(const TensorSpan& s, int64_t first, int64_t count, RangeFn fn, i
                    at_bytes<void>(s.max_exp_avg_sq, i0, state_size),
                    at<float>(s.grad_accum, i0), at<float>(s.ema, i0)};
   };
-  if constexpr (kDirect && kUpdate == ParamUpdate::Stochastic) {
+  if constexpr (kDirect) {
+    // One run; stochastic runs stop at multiples of 2^32, where the keys change.
     for (int64_t i0 = first, end = first + count; i0 < end;) {
-      const int64_t n = end - i0 < to_key_boundary(i0) ? end - i0 : to_key_boundary(i0);
+      int64_t n = end - i0;
       RunPtrs r = ptrs(i0);
-      rounding_keys(s, i0, r);
+      if constexpr (kUpdate == ParamUpdate::Stochastic) {
+        n = n < to_key_boundary(i0) ? n : to_key_boundary(i0);
+        rounding_keys(s, i0, r);
+      } else if constexpr (kUpdate == ParamUpdate::Master) {
+        r.rounded = r.param;
+        r.param = at<float>(s.master, i0);
+      } else if constexpr (kUpdate == ParamUpdate::Kahan) {
+        r.rounded = at<P>(s.kahan_comp, i0);
+      }
       fn(r, n, s.grad_scale, sc);
       i0 += n;
     }
-  } else if constexpr (kDirect && kUpdate == ParamUpdate::Master) {
-    RunPtrs r = ptrs(first);
-    r.rounded = r.param;
-    r.param = at<float>(s.master, first);
-    fn(r, count, s.grad_scale, sc);
-  } else if constexpr (kDirect && kUpdate == ParamUpdate::Kahan) {
-    RunPtrs r = ptrs(first);
-    r.rounded = at<P>(s.kahan_comp, first);
-    fn(r, count, s.grad_scale, sc);
   } else if constexpr (!kTiledParam && !kTiledGrad) {
     fn(ptrs(first), count, s.grad_scale, sc);
   } else {
