@@ -13,6 +13,17 @@
 // 2^(7-d) in the unsigned one, the centres of as many equal parts of [0.1, 1];
 // 0 and 1 complete the 256 values.
 //
+// Decoding needs no table: a code's value has a closed form. Let w = |code - 127|
+// (signed map) or code + 1 (unsigned map) and P the largest power of two <= w.
+// The values of one decade are the w in [P, 2P), j = w - P, and
+// (0.1 + 0.9 (2j + 1) / (2P)) / 10^d = (18w - 16P + 9) * C_P, C_P = 1 / (20 P 10^d);
+// the top value 1 fits with C_P = 1 / (2P + 9); code 127 (signed) or 0 (unsigned)
+// is zero. C_P is kept as two floats, hi + lo, and the value is fma(hi, N, lo * N)
+// with N = 18w - 16P + 9 (an exact integer): one rounding of a product good to
+// ~2^-48, which gives qmap's bits for all 256 codes of both maps (checked when the
+// table is built). P and the slot of C_P come from float(w)'s exponent, so 8 codes
+// decode with two 8-entry permutes (vpermps) and no gather.
+//
 // The search: the 255 midpoints of consecutive map values, each rounded to
 // float32 toward -inf (then x > midpoint in float32 says exactly whether x is
 // above the real midpoint; x equal to a representable midpoint is not above it,
@@ -22,7 +33,9 @@
 // midpoint inside it, if any (no bucket holds two: checked when the table is
 // built). That midpoint shares x's top 16 bits, so only its low 16 go in the
 // entry, and x is above it when x's low 16 bits are (below it, for negative x).
-// One table lookup per element: the loop vectorises with one gather.
+// The vector form runs a block in three passes: x and its bucket (8 lanes at a
+// time), the table entries (scalar loads: up to three per cycle, where an AVX2
+// gather of 8 costs a dozen cycles or more), then the codes (8 lanes at a time).
 //
 // x = value / absmax is the float32 quotient, computed without a division
 // (the kernels' divider is already busy with the update): q = value * r with
@@ -92,12 +105,53 @@ struct QuantTable {
   // Per bucket: midpoints below it (bits 0-7), whether one lies inside it
   // (bit 8) and that midpoint's low 16 magnitude bits (bits 16-31).
   int32_t entry[kBuckets];
+  // The closed form of qmap (see the top of the file): C_P = hi + lo per slot,
+  // the slot being bits 23-25 of float(w).
+  alignas(32) float coef_hi[8];
+  alignas(32) float coef_lo[8];
+  bool is_signed;
 };
 
 inline float float_of_bits(uint32_t u) { return __builtin_bit_cast(float, u); }
 
+// w of a code (see the top of the file).
+inline int32_t quant_w(int32_t code, bool is_signed) {
+  return is_signed ? (code < 127 ? 127 - code : code - 127) : code + 1;
+}
+
+// qmap[code] from the closed form, as the vector decode computes it.
+inline float decode_closed_form(int32_t code, const QuantTable& t) {
+  const int32_t w = quant_w(code, t.is_signed);
+  if (w == (t.is_signed ? 0 : 1)) return 0.f;
+  const uint32_t wb = quant_bits(static_cast<float>(w));
+  const float p = float_of_bits(wb & 0xFF800000u);
+  const uint32_t slot = (wb >> 23) & 7u;
+  const float n = std::fma(static_cast<float>(w), 18.f, std::fma(p, -16.f, 9.f));
+  const float v = std::fma(t.coef_hi[slot], n, t.coef_lo[slot] * n);
+  return t.is_signed && code < 127 ? -v : v;
+}
+
+inline void build_decode(QuantTable& t) {
+  // P = 2^e for e = 0..7 (signed: decades 0..6, then the top value at w = 128)
+  // or e = 1..8 (unsigned: decades 0..6, top value at w = 256).
+  const int e0 = t.is_signed ? 0 : 1;
+  for (int e = e0; e < e0 + 8; ++e) {
+    const double p = std::ldexp(1.0, e);
+    const bool top = e == e0 + 7;
+    const double c = top ? 1.0 / (2.0 * p + 9.0) : 1.0 / (20.0 * p * std::pow(10.0, 6 - (e - e0)));
+    const int slot = (e + 127) & 7;
+    t.coef_hi[slot] = static_cast<float>(c);
+    t.coef_lo[slot] = static_cast<float>(c - static_cast<double>(t.coef_hi[slot]));
+  }
+  for (int32_t code = 0; code < 256; ++code)
+    if (quant_bits(decode_closed_form(code, t)) != quant_bits(t.qmap[code]))
+      throw std::logic_error("quantization table: the closed form misses a map value");
+}
+
 inline void build_table(bool is_signed, QuantTable& t) {
+  t.is_signed = is_signed;
   build_qmap(is_signed, t.qmap);
+  build_decode(t);
   for (int k = 0; k < 255; ++k) {
     const double m = (static_cast<double>(t.qmap[k]) + static_cast<double>(t.qmap[k + 1])) / 2.0;
     float f = static_cast<float>(m);
@@ -217,25 +271,43 @@ inline float quantize_block(const float* __restrict v, uint8_t* __restrict codes
   const float r = 1.f / scale;
   int64_t i = 0;
 #if defined(__AVX2__)
+  // Pass 1: x and its bucket, 8 lanes at a time.
+  alignas(32) int32_t xs[kQuantBlock];
+  alignas(32) int32_t entries[kQuantBlock];
+  const int64_t n16 = n & ~int64_t{15};
   const __m256 vscale = _mm256_set1_ps(scale), vr = _mm256_set1_ps(r), vpre = _mm256_set1_ps(pre);
   const __m256i sign_mask = _mm256_set1_epi32(0x7FFFFFFF), low16 = _mm256_set1_epi32(0xFFFF);
   const __m256i low = _mm256_set1_epi32(kBucketLow), high = _mm256_set1_epi32(kBucketHigh);
   const __m256i per_sign = _mm256_set1_epi32(kBucketsPerSign);
   const __m256i per_sign_m1 = _mm256_set1_epi32(kBucketsPerSign - 1);
   const __m256i byte = _mm256_set1_epi32(0xFF), one = _mm256_set1_epi32(1);
-  for (; i + 16 <= n; i += 16) {
+  for (; i < n16; i += 8) {
+    const __m256 value = _mm256_mul_ps(_mm256_loadu_ps(v + i), vpre);
+    const __m256 q = _mm256_mul_ps(value, vr);
+    const __m256i u = _mm256_castps_si256(_mm256_fmadd_ps(_mm256_fnmadd_ps(q, vscale, value), vr, q));
+    __m256i j = _mm256_srli_epi32(_mm256_and_si256(u, sign_mask), kBucketShift);
+    j = _mm256_sub_epi32(_mm256_min_epi32(_mm256_max_epi32(j, low), high), low);
+    const __m256i neg = _mm256_srai_epi32(u, 31);  // all ones where the sign is set
+    const __m256i b = _mm256_blendv_epi8(_mm256_add_epi32(per_sign, j), _mm256_sub_epi32(per_sign_m1, j), neg);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(xs + i), u);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(entries + i), b);
+  }
+  // Pass 2: bucket -> table entry, one scalar load each. The empty asm keeps
+  // the compiler from turning the loop back into gathers.
+  for (int64_t k = 0; k < n16; ++k) {
+    int32_t b = entries[k];
+#if defined(__GNUC__)
+    __asm__("" : "+r"(b));
+#endif
+    entries[k] = t.entry[b];
+  }
+  // Pass 3: the codes, 16 at a time.
+  for (int64_t k = 0; k < n16; k += 16) {
     __m256i code[2];
     for (int h = 0; h < 2; ++h) {
-      const __m256 value = _mm256_mul_ps(_mm256_loadu_ps(v + i + 8 * h), vpre);
-      const __m256 q = _mm256_mul_ps(value, vr);
-      const __m256 x = _mm256_fmadd_ps(_mm256_fnmadd_ps(q, vscale, value), vr, q);
-      const __m256i u = _mm256_castps_si256(x);
-      __m256i j = _mm256_srli_epi32(_mm256_and_si256(u, sign_mask), kBucketShift);
-      j = _mm256_sub_epi32(_mm256_min_epi32(_mm256_max_epi32(j, low), high), low);
-      const __m256i neg = _mm256_srai_epi32(u, 31);  // all ones where the sign is set
-      const __m256i b = _mm256_blendv_epi8(_mm256_add_epi32(per_sign, j),
-                                           _mm256_sub_epi32(per_sign_m1, j), neg);
-      const __m256i e = _mm256_i32gather_epi32(t.entry, b, 4);
+      const __m256i u = _mm256_load_si256(reinterpret_cast<const __m256i*>(xs + k + 8 * h));
+      const __m256i e = _mm256_load_si256(reinterpret_cast<const __m256i*>(entries + k + 8 * h));
+      const __m256i neg = _mm256_srai_epi32(u, 31);
       const __m256i x_low = _mm256_and_si256(u, low16), mid_low = _mm256_srli_epi32(e, 16);
       // -1 where x is beyond the bucket's midpoint (above it; below it for negative x).
       const __m256i beyond = _mm256_blendv_epi8(_mm256_cmpgt_epi32(x_low, mid_low),
@@ -246,7 +318,7 @@ inline float quantize_block(const float* __restrict v, uint8_t* __restrict codes
     // 16 codes < 256 to bytes, in order.
     const __m256i words = _mm256_permute4x64_epi64(_mm256_packus_epi32(code[0], code[1]), 0xD8);
     const __m128i bytes = _mm_packus_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), bytes);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), bytes);
   }
 #endif
   for (; i < n; ++i) codes[i] = nearest_code(quotient(v[i] * pre, scale, r), t);
@@ -258,10 +330,29 @@ inline void dequantize_block(const uint8_t* __restrict codes, float absmax, floa
                              int64_t n, const QuantTable& t) {
   int64_t i = 0;
 #if defined(__AVX2__)
+  // The closed form (see the top of the file), as decode_closed_form computes it.
   const __m256 vabsmax = _mm256_set1_ps(absmax);
+  const __m256 hi = _mm256_load_ps(t.coef_hi), lo = _mm256_load_ps(t.coef_lo);
+  const __m256 c18 = _mm256_set1_ps(18.f), cm16 = _mm256_set1_ps(-16.f), c9 = _mm256_set1_ps(9.f);
+  const __m256i exponent = _mm256_set1_epi32(static_cast<int32_t>(0xFF800000u));
+  const __m256i sign_bit = _mm256_set1_epi32(static_cast<int32_t>(0x80000000u));
+  const __m256i offset = _mm256_set1_epi32(t.is_signed ? 127 : -1);
+  const __m256i zero_w = _mm256_set1_epi32(t.is_signed ? 0 : 1);
   for (; i + 8 <= n; i += 8) {
     const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i)));
-    _mm256_storeu_ps(v + i, _mm256_mul_ps(_mm256_i32gather_ps(t.qmap, c, 4), vabsmax));
+    const __m256i d = _mm256_sub_epi32(c, offset);  // signed: code - 127; unsigned: code + 1
+    const __m256i w = _mm256_abs_epi32(d);
+    const __m256 wf = _mm256_cvtepi32_ps(w);
+    const __m256i wb = _mm256_castps_si256(wf);
+    const __m256 p = _mm256_castsi256_ps(_mm256_and_si256(wb, exponent));
+    const __m256i slot = _mm256_srli_epi32(wb, 23);  // vpermps reads bits 0-2
+    const __m256 numer = _mm256_fmadd_ps(wf, c18, _mm256_fmadd_ps(p, cm16, c9));
+    const __m256 value = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(hi, slot), numer,
+                                         _mm256_mul_ps(_mm256_permutevar8x32_ps(lo, slot), numer));
+    const __m256 zero = _mm256_castsi256_ps(_mm256_cmpeq_epi32(w, zero_w));
+    // d < 0 only for the signed map's negative codes.
+    const __m256 sign = _mm256_castsi256_ps(_mm256_and_si256(d, sign_bit));
+    _mm256_storeu_ps(v + i, _mm256_mul_ps(_mm256_xor_ps(_mm256_andnot_ps(zero, value), sign), vabsmax));
   }
 #endif
   for (; i < n; ++i) v[i] = t.qmap[codes[i]] * absmax;
