@@ -894,7 +894,7 @@ void stream_pass(py::handle params, py::handle grads, py::handle exp_avgs, py::h
   active_table().stream_pass(a);
 }
 
-// --- 8-bit states on the host: the maps, and the quantizer for conversions -------------
+// --- 8-bit states: the maps (host), and the level's quantizer for conversions ----------
 
 const host::QuantTable& quant_table(const std::string& map) {
   if (map == "signed") return host::signed_table();
@@ -909,7 +909,8 @@ py::array_t<float> qmap(const std::string& map) {
   return out;
 }
 
-// Codes (the values' shape) and absmax (one per block) of a float32 array, as a step stores them.
+// Codes (the values' shape) and absmax (one per block) of a float32 array, as a step stores them
+// (the active level's code, as in a step).
 py::tuple quantize_blockwise(py::handle values_obj, const std::string& map) {
   const host::QuantTable& t = quant_table(map);
   Namer namer;
@@ -925,10 +926,7 @@ py::tuple quantize_blockwise(py::handle values_obj, const std::string& map) {
   float* a = absmax.mutable_data();
   {
     py::gil_scoped_release release;
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t i0 = b * host::kQuantBlock;
-      a[b] = host::quantize_block(v + i0, c + i0, std::min(host::kQuantBlock, n - i0), t);
-    }
+    active_table().quantize_blocks(v, c, a, n, t.is_signed);
   }
   return py::make_tuple(codes, absmax);
 }
@@ -953,10 +951,7 @@ py::array_t<float> dequantize_blockwise(py::handle codes_obj, py::handle absmax_
   float* v = out.mutable_data();
   {
     py::gil_scoped_release release;
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t i0 = b * host::kQuantBlock;
-      host::dequantize_block(c + i0, a[b], v + i0, std::min(host::kQuantBlock, n - i0), t);
-    }
+    active_table().dequantize_blocks(c, a, v, n, t.is_signed);
   }
   return out;
 }

@@ -622,10 +622,23 @@ void stream_pass(const StepArgs& a) {
                   });
 }
 
+void quantize_blocks(const float* values, uint8_t* codes, float* absmax, int64_t n, bool is_signed) {
+  const QuantTable& t = is_signed ? signed_table() : unsigned_table();
+  for (int64_t i0 = 0; i0 < n; i0 += kQuantBlock)
+    absmax[i0 / kQuantBlock] = quantize_block(values + i0, codes + i0, std::min(kQuantBlock, n - i0), t);
+}
+
+void dequantize_blocks(const uint8_t* codes, const float* absmax, float* values, int64_t n, bool is_signed) {
+  const QuantTable& t = is_signed ? signed_table() : unsigned_table();
+  for (int64_t i0 = 0; i0 < n; i0 += kQuantBlock)
+    dequantize_block(codes + i0, absmax[i0 / kQuantBlock], values + i0, std::min(kQuantBlock, n - i0), t);
+}
+
 }  // namespace
 
 KernelTable kernel_table() {
-  return {CPUADAM_STR(CPUADAM_LEVEL), &adam_step, &sgd_step, &accumulate, &sum_squares, &stream_pass};
+  return {CPUADAM_STR(CPUADAM_LEVEL), &adam_step,      &sgd_step,         &accumulate,
+          &sum_squares,               &stream_pass,    &quantize_blocks,  &dequantize_blocks};
 }
 
 }  // namespace CPUADAM_LEVEL

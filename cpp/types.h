@@ -138,6 +138,11 @@ struct KernelTable {
   // The memory-roofline proxy: read four buffers, write three in place, with
   // the access pattern of an fp32 Adam step and the least arithmetic possible.
   void (*stream_pass)(const StepArgs& args);
+  // Block-wise 8-bit conversion of a whole array (quant.h), one thread: codes
+  // and one absmax per block from float32 values, and back.
+  void (*quantize_blocks)(const float* values, uint8_t* codes, float* absmax, int64_t n, bool is_signed);
+  void (*dequantize_blocks)(const uint8_t* codes, const float* absmax, float* values, int64_t n,
+                            bool is_signed);
 };
 
 }  // namespace cpuadam

@@ -267,16 +267,24 @@ q = [d["param"].copy()]
 _core.sgd_step([dict(params=q, grads=[d["grad"]], lr=1.0, weight_decay=0.0, momentum=0.9,
                      momentum_first=True, state_dtype="8bit", momentum_buffers=b,
                      momentum_buffer_absmaxs=ba)])
-np.savez(sys.argv[2], codes=b[0], absmax=ba[0], param=q[0])
+# The level's quantizer on the adversarial values (ties, map values, block ends), and back.
+adv = {}
+for name in ("signed", "unsigned"):
+    c, a = _core.quantize_blockwise(d["adv_" + name], name)
+    adv[name + "_codes"], adv[name + "_absmax"] = c, a
+    adv[name + "_back"] = _core.dequantize_blockwise(c, a, name)
+np.savez(sys.argv[2], codes=b[0], absmax=ba[0], param=q[0], **adv)
 """
 
 
 def test_every_level_quantizes_alike(tmp_path, rng):
     n = 50 * QUANT_BLOCK + 9
     state = State8(rng, [n], ["exp_avg", "exp_avg_sq"])
+    adv = {name: adversarial(rng, dynamic_map(name == "signed"))[0] for name in ("signed", "unsigned")}
     np.savez(tmp_path / "in.npz", m_codes=state.codes["exp_avg"][0], m_absmax=state.absmax["exp_avg"][0],
              v_codes=state.codes["exp_avg_sq"][0], v_absmax=state.absmax["exp_avg_sq"][0],
-             param=log_spread(rng, n, -2, 0), grad=log_spread(rng, n, -8, 2))
+             param=log_spread(rng, n, -2, 0), grad=log_spread(rng, n, -8, 2),
+             adv_signed=adv["signed"], adv_unsigned=adv["unsigned"])
     outputs = {}
     for level in supported_levels():
         proc = subprocess.run([sys.executable, "-c", LEVEL_CHILD, str(tmp_path / "in.npz"),
@@ -288,6 +296,16 @@ def test_every_level_quantizes_alike(tmp_path, rng):
     for level in levels[1:]:
         for key in ("codes", "absmax", "param"):
             np.testing.assert_array_equal(outputs[level][key], outputs[levels[0]][key], err_msg=f"{key}: {level}")
+    # Each level's vector quantizer (and the scalar one) against the float64 reference.
+    for level in levels:
+        for name in ("signed", "unsigned"):
+            qmap = dynamic_map(name == "signed")
+            want_codes, want_absmax = quantize_blockwise(adv[name], qmap)
+            got = outputs[level]
+            np.testing.assert_array_equal(got[name + "_codes"], want_codes, err_msg=f"{name} codes: {level}")
+            np.testing.assert_array_equal(got[name + "_absmax"], want_absmax, err_msg=f"{name} absmax: {level}")
+            np.testing.assert_array_equal(got[name + "_back"], dequantize_blockwise(want_codes, want_absmax, qmap),
+                                          err_msg=f"{name} decode: {level}")
 
 
 # --- rejections ----------------------------------------------------------------------------------
