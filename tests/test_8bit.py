@@ -588,3 +588,106 @@ def test_torch_sgd_momentum_8bit_state_dict():
     assert entry["momentum_buffer"].dtype == torch.uint8
     assert entry["momentum_buffer_absmax"].shape == (20,)
     assert torch.equal(entry["momentum_buffer_qmap"], torch.from_numpy(_core.qmap("signed")))
+
+
+# --- bitsandbytes' checkpoint layout, without bitsandbytes -----------------------------------------
+# Their state_dict as their 0.50 source writes it: per param, `step` (an int) and one dict under
+# "__bnb_optimizer_quant_state__" holding state1/absmax1/qmap1 (and state2/absmax2/qmap2), the
+# maps computed in float32 (values up to 2 ulp from the correctly rounded ones).
+BNB_WRAP = "__bnb_optimizer_quant_state__"
+
+
+def their_layout(rng, n: int, foreign_map: bool = False) -> dict:
+    quant = {}
+    for i, key in enumerate(("exp_avg", "exp_avg_sq"), start=1):
+        values = log_spread(rng, n)
+        values = np.abs(values) if key == "exp_avg_sq" else values
+        codes, absmax = _core.quantize_blockwise(values, MAPS[key])
+        qmap = _core.qmap(MAPS[key]).copy()
+        bits = qmap.view(np.int32)
+        bits[1::7] += (qmap[1::7] != 0).astype(np.int32)  # 1 ulp further from 0
+        bits[3::7] -= 2 * (np.abs(qmap[3::7]) > 1e-6).astype(np.int32)  # 2 ulp nearer 0
+        if foreign_map:
+            qmap = np.linspace(-1 if key == "exp_avg" else 0, 1, 256).astype(np.float32)
+        quant.update({f"state{i}": codes, f"absmax{i}": absmax, f"qmap{i}": qmap})
+    group = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, alpha=0.0, t_alpha=None,
+                 t_beta3=None, params=[0])
+    return {"state": {0: {"step": 7, BNB_WRAP: quant}}, "param_groups": [group]}
+
+
+def test_from_bitsandbytes_keeps_their_codes_with_our_maps(rng):
+    theirs = their_layout(rng, 20 * QUANT_BLOCK + 3)
+    quant = theirs["state"][0][BNB_WRAP]
+    sd = cpuadam.from_bitsandbytes(theirs)
+    entry = sd["state"][0]
+    assert BNB_WRAP not in entry and float(entry["step"]) == 7.0
+    for i, key in enumerate(("exp_avg", "exp_avg_sq"), start=1):
+        np.testing.assert_array_equal(entry[key], quant[f"state{i}"])
+        np.testing.assert_array_equal(entry[key + "_absmax"], quant[f"absmax{i}"])
+        np.testing.assert_array_equal(entry[key + "_qmap"], _core.qmap(MAPS[key]))
+    assert sd["param_groups"][0] == dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, params=[0])
+    assert BNB_WRAP in theirs["state"][0]  # the input is not changed
+    # An 8-bit optimizer loads it and steps; back to their layout gives their codes again.
+    opt = cpuadam.AdamW([np.zeros(20 * QUANT_BLOCK + 3, np.float32)], state_dtype="8bit")
+    opt.load_state_dict(sd)
+    back = cpuadam.to_bitsandbytes(opt.state_dict())
+    assert back["state"][0]["step"] == 7
+    for i in (1, 2):
+        np.testing.assert_array_equal(back["state"][0][BNB_WRAP][f"state{i}"], quant[f"state{i}"])
+        np.testing.assert_array_equal(back["state"][0][BNB_WRAP][f"absmax{i}"], quant[f"absmax{i}"])
+    assert back["param_groups"][0]["alpha"] == 0.0
+
+
+def test_from_bitsandbytes_under_a_foreign_map_gives_the_exact_float32_moments(rng):
+    theirs = their_layout(rng, 3 * QUANT_BLOCK, foreign_map=True)
+    quant = theirs["state"][0][BNB_WRAP]
+    entry = cpuadam.from_bitsandbytes(theirs)["state"][0]
+    for i, key in enumerate(("exp_avg", "exp_avg_sq"), start=1):
+        assert key + "_absmax" not in entry and entry[key].dtype == np.float32
+        want = quant[f"qmap{i}"][quant[f"state{i}"]] * np.repeat(quant[f"absmax{i}"], QUANT_BLOCK)
+        np.testing.assert_array_equal(entry[key], want.astype(np.float32))
+
+
+def test_to_bitsandbytes_quantizes_large_float_moments_and_keeps_small_ones(rng):
+    big, small = log_spread(rng, 5000), log_spread(rng, 100)
+    sd = {"state": {0: {"step": np.float32(2), "exp_avg": big, "exp_avg_sq": np.abs(big)},
+                    1: {"step": np.float32(2), "exp_avg": small, "exp_avg_sq": np.abs(small)}},
+          "param_groups": [dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, params=[0, 1])]}
+    out = cpuadam.to_bitsandbytes(sd)
+    q0, q1 = out["state"][0][BNB_WRAP], out["state"][1][BNB_WRAP]
+    codes, absmax = quantize_blockwise(big, dynamic_map(True))
+    np.testing.assert_array_equal(q0["state1"], codes)
+    np.testing.assert_array_equal(q0["absmax1"], absmax)
+    np.testing.assert_array_equal(q0["qmap2"], _core.qmap("unsigned"))
+    assert q1.keys() == {"state1", "state2"}
+    np.testing.assert_array_equal(q1["state1"], small)
+    assert out["state"][0]["step"] == 2 and isinstance(out["state"][0]["step"], int)
+
+
+def test_bitsandbytes_conversions_refuse_what_has_no_counterpart(rng):
+    theirs = their_layout(rng, QUANT_BLOCK)
+    theirs["state"][0][BNB_WRAP]["max1"] = np.ones(1, np.float32)
+    with pytest.raises(ValueError, match="block_wise=False"):
+        cpuadam.from_bitsandbytes(theirs)
+    theirs = their_layout(rng, QUANT_BLOCK)
+    theirs["param_groups"][0]["alpha"] = 5.0
+    with pytest.raises(ValueError, match="AdEMAMix"):
+        cpuadam.from_bitsandbytes(theirs)
+    lion = their_layout(rng, QUANT_BLOCK)  # one state with betas (0.9, 0.99): not SGD8bit
+    for key in ("state2", "absmax2", "qmap2"):
+        del lion["state"][0][BNB_WRAP][key]
+    with pytest.raises(ValueError, match="SGD8bit"):
+        cpuadam.from_bitsandbytes(lion)
+    sgd = their_layout(rng, QUANT_BLOCK)
+    for key in ("state2", "absmax2", "qmap2"):
+        del sgd["state"][0][BNB_WRAP][key]
+    sgd["param_groups"][0] = dict(lr=1e-2, betas=(0.9, 0), eps=0.0, weight_decay=0, params=[0])
+    out = cpuadam.from_bitsandbytes(sgd)
+    assert out["param_groups"][0]["momentum"] == 0.9 and "betas" not in out["param_groups"][0]
+    assert "step" not in out["state"][0] and out["state"][0]["momentum_buffer"].dtype == np.uint8
+    amsgrad = {"state": {0: {"step": np.float32(1), "exp_avg": np.zeros(10, np.float32),
+                             "exp_avg_sq": np.zeros(10, np.float32),
+                             "max_exp_avg_sq": np.zeros(10, np.float32)}},
+               "param_groups": [dict(lr=1e-3, betas=(0.9, 0.999), params=[0])]}
+    with pytest.raises(ValueError, match="max_exp_avg_sq"):
+        cpuadam.to_bitsandbytes(amsgrad)

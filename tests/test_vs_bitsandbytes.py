@@ -383,3 +383,112 @@ def test_their_state_loads_into_cpuadams_keys_and_both_step_alike(rng):
     _, _, scale = reference_step(param_now, back, ours_maps, grad, 6)
     error = param_error(p_b2.detach().numpy(), p_c.detach().numpy().astype(np.float64), scale)
     assert error.max() <= 12
+
+
+# --- the converters: cpuadam.from_bitsandbytes / cpuadam.to_bitsandbytes --------------------------
+
+def _two_layer(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    # 64x128 (8-bit in both: 32 blocks), 64 and 8x64 and 8 (float32 in both: under 4096).
+    return torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Tanh(), torch.nn.Linear(64, 8))
+
+
+def _train(model, opt, x, steps: int) -> None:
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+
+def test_their_checkpoint_converts_loads_and_steps_alike():
+    x = torch.randn(32, 128, generator=torch.Generator().manual_seed(1))
+    model_b = _two_layer()
+    opt_b = bnb.optim.AdamW8bit(model_b.parameters(), **HYPER)
+    _train(model_b, opt_b, x, 4)
+    theirs = opt_b.state_dict()
+    sd = cpuadam.from_bitsandbytes(theirs)
+    model_c = _two_layer()
+    model_c.load_state_dict(model_b.state_dict())
+    opt_c = ctorch.AdamW(model_c.parameters(), state_dtype="8bit", **HYPER)
+    opt_c.load_state_dict(sd)
+    loaded = opt_c.state_dict()["state"]
+    for i, p in enumerate(model_b.parameters()):
+        st_b, st_c = opt_b.state[p], loaded[i]
+        assert int(st_c["step"]) == st_b["step"] == 4
+        for key, (codes, absmax, _) in THEIR_KEYS.items():
+            if st_b[codes].dtype == torch.uint8:  # their codes and absmax, bit for bit, with our map
+                assert torch.equal(st_c[key], st_b[codes]) and torch.equal(st_c[key + "_absmax"], st_b[absmax])
+                assert torch.equal(st_c[key + "_qmap"], torch.from_numpy(_core.qmap(MAPS[key])))
+            else:  # float32 moments of the small tensors, as they are
+                assert torch.equal(st_c[key], st_b[codes])
+    # One more step each: the params agree to rounding (the maps differ by up to 2 ulp, and
+    # their quantizer's grid moves some codes; both are stepped from the exact new moments).
+    _train(model_b, opt_b, x, 1)
+    _train(model_c, opt_c, x, 1)
+    for p_b, p_c in zip(model_b.parameters(), model_c.parameters()):
+        torch.testing.assert_close(p_c, p_b, rtol=1e-5, atol=1e-6)
+
+
+def test_our_checkpoint_converts_loads_into_theirs_and_steps_alike():
+    x = torch.randn(32, 128, generator=torch.Generator().manual_seed(2))
+    model_c = _two_layer(3)
+    opt_c = ctorch.AdamW(model_c.parameters(), state_dtype="8bit", **HYPER)
+    _train(model_c, opt_c, x, 4)
+    theirs = cpuadam.to_bitsandbytes(opt_c.state_dict())
+    model_b = _two_layer(3)
+    model_b.load_state_dict(model_c.state_dict())
+    opt_b = bnb.optim.AdamW8bit(model_b.parameters(), **HYPER)
+    opt_b.load_state_dict(theirs)
+    for i, p in enumerate(model_b.parameters()):
+        st_b, st_c = opt_b.state[p], opt_c.state_dict()["state"][i]
+        assert st_b["step"] == 4
+        for key, (codes, absmax, _) in THEIR_KEYS.items():
+            if st_c[key].dtype == torch.uint8:
+                assert torch.equal(st_b[codes], st_c[key]) and torch.equal(st_b[absmax], st_c[key + "_absmax"])
+            else:
+                assert torch.equal(st_b[codes], st_c[key])
+    _train(model_b, opt_b, x, 1)
+    _train(model_c, opt_c, x, 1)
+    for p_b, p_c in zip(model_b.parameters(), model_c.parameters()):
+        torch.testing.assert_close(p_b, p_c, rtol=1e-5, atol=1e-6)
+    # And back again: the same state, bit for bit.
+    again = cpuadam.from_bitsandbytes(cpuadam.to_bitsandbytes(opt_c.state_dict()))
+    for i, entry in opt_c.state_dict()["state"].items():
+        assert entry.keys() == again["state"][i].keys()
+        for k, v in entry.items():
+            assert torch.equal(v, again["state"][i][k]), k
+
+
+def test_their_sgd_momentum_converts_and_steps_alike():
+    x = torch.randn(32, 128, generator=torch.Generator().manual_seed(4))
+    hyper = dict(lr=1e-2, momentum=0.9, weight_decay=0.0)
+    model_b = _two_layer(5)
+    opt_b = bnb.optim.SGD8bit(model_b.parameters(), **hyper)
+    _train(model_b, opt_b, x, 3)
+    sd = cpuadam.from_bitsandbytes(opt_b.state_dict())
+    model_c = _two_layer(5)
+    model_c.load_state_dict(model_b.state_dict())
+    opt_c = ctorch.SGD(model_c.parameters(), state_dtype="8bit", **hyper)
+    opt_c.load_state_dict(sd)
+    big = next(model_b.parameters())
+    assert torch.equal(opt_c.state_dict()["state"][0]["momentum_buffer"], opt_b.state[big]["state1"])
+    _train(model_b, opt_b, x, 1)
+    _train(model_c, opt_c, x, 1)
+    for p_b, p_c in zip(model_b.parameters(), model_c.parameters()):
+        torch.testing.assert_close(p_c, p_b, rtol=1e-5, atol=1e-6)
+
+
+def test_our_sgd_momentum_converts_into_their_sgd8bit_and_steps_alike():
+    x = torch.randn(32, 128, generator=torch.Generator().manual_seed(6))
+    hyper = dict(lr=1e-2, momentum=0.9, weight_decay=0.0)
+    model_c = _two_layer(7)
+    opt_c = ctorch.SGD(model_c.parameters(), state_dtype="8bit", **hyper)
+    _train(model_c, opt_c, x, 3)
+    model_b = _two_layer(7)
+    model_b.load_state_dict(model_c.state_dict())
+    opt_b = bnb.optim.SGD8bit(model_b.parameters(), **hyper)
+    opt_b.load_state_dict(cpuadam.to_bitsandbytes(opt_c.state_dict()))
+    _train(model_b, opt_b, x, 1)
+    _train(model_c, opt_c, x, 1)
+    for p_b, p_c in zip(model_b.parameters(), model_c.parameters()):
+        torch.testing.assert_close(p_b, p_c, rtol=1e-5, atol=1e-6)

@@ -1207,3 +1207,145 @@ def quantize_state(state_dict: dict, min_8bit_size: int = 4096) -> dict:
             entry[key + "_qmap"] = _like(value, _core.qmap(QUANT_MAPS[key]))
         return entry
     return _map_state(state_dict, convert)
+
+
+# --- conversions to and from bitsandbytes' 8-bit optimizer checkpoints ---------------------
+
+# bitsandbytes' 8-bit optimizers (AdamW8bit, Adam8bit, SGD8bit ...) keep per param `state1`
+# (and `state2` for Adam) with `absmax1`/`qmap1` (`absmax2`/`qmap2`), wrapped in one nested dict
+# under this key in their state_dict (plain keys in older releases).
+_BNB_WRAP = "__bnb_optimizer_quant_state__"
+_BNB_MOMENTS = {2: (("state1", "exp_avg"), ("state2", "exp_avg_sq")), 1: (("state1", "momentum_buffer"),)}
+# Per-step scratch of theirs, rebuilt at each step: dropped.
+_BNB_SCRATCH = ("unorm_vec", "gnorm_vec")
+_BNB_GROUP_KEYS = {"alpha": 0.0, "t_alpha": None, "t_beta3": None}
+
+
+def _ulp_close(a: np.ndarray, b: np.ndarray, ulps: int) -> bool:
+    ia = np.asarray(a, np.float32).view(np.int32).astype(np.int64)
+    ib = np.asarray(b, np.float32).view(np.int32).astype(np.int64)
+    same_sign = np.sign(np.asarray(a)) == np.sign(np.asarray(b))
+    return bool(np.all(same_sign & (np.abs(ia - ib) <= ulps)))
+
+
+def from_bitsandbytes(state_dict: dict) -> dict:
+    """A cpuadam.torch state_dict made of a bitsandbytes 8-bit optimizer's one.
+
+    Adam/AdamW (two states) give ``exp_avg``/``exp_avg_sq``, SGD with momentum (one state)
+    gives ``momentum_buffer``. Their codes and block absmax are the same layout as cpuadam's
+    (codes of the param's shape, one float32 absmax per 256 elements) and are kept as they
+    are; their code maps are the same dynamic maps computed in float32, up to 2 ulp off in some
+    values, so the codes are given cpuadam's map (each moment moves by at most those 2 ulp).
+    A moment under any other map becomes its float32 values (their map, exact), which an 8-bit
+    optimizer quantizes at its first step. float32 states (their small tensors) stay float32.
+    Refused: their non-blockwise 8-bit states (``max1``) and AdEMAMix (``alpha`` != 0).
+    """
+    def convert(entry: dict) -> dict:
+        entry.update(entry.pop(_BNB_WRAP, None) or {})
+        if "max1" in entry or "new_max1" in entry:
+            raise ValueError("bitsandbytes state with block_wise=False (max1/new_max1) has no "
+                             "cpuadam layout; dequantize it with bitsandbytes first")
+        for key in _BNB_SCRATCH:
+            entry.pop(key, None)
+        if "state3" in entry:
+            raise ValueError("bitsandbytes AdEMAMix state (state3) has no cpuadam equivalent")
+        moments = _BNB_MOMENTS[2 if "state2" in entry else 1] if "state1" in entry else ()
+        for i, (theirs, ours) in enumerate(moments, start=1):
+            value = entry.pop(theirs)
+            absmax, qmap = entry.pop(f"absmax{i}", None), entry.pop(f"qmap{i}", None)
+            codes = _values_of(value)
+            if codes.dtype != np.uint8:
+                entry[ours] = value
+                continue
+            if absmax is None or qmap is None:
+                raise ValueError(f"bitsandbytes {theirs} is 8-bit but absmax{i}/qmap{i} are missing")
+            mine = _core.qmap(QUANT_MAPS[ours])
+            if _ulp_close(_values_of(qmap).reshape(-1), mine, 2):
+                entry[ours] = value
+                entry[ours + "_absmax"] = _like(value, _values_of(absmax).astype(np.float32))
+                entry[ours + "_qmap"] = _like(value, mine)
+            else:
+                values = dequantize_moment({ours: codes, ours + "_absmax": _values_of(absmax),
+                                            ours + "_qmap": _values_of(qmap)}, ours)
+                entry[ours] = _like(value, values)
+        if "momentum_buffer" in entry:
+            entry.pop("step", None)  # SGD keeps no step count (torch.optim.SGD's layout)
+        elif "step" in entry and not callable(getattr(entry["step"], "detach", None)):
+            template = next((v for v in entry.values() if callable(getattr(v, "detach", None))), None)
+            step = np.array(float(check_step_value(entry["step"], "step")), np.float32)
+            entry["step"] = _like(template, step) if template is not None else step
+        return entry
+
+    out = _map_state(state_dict, convert)
+    one_state = any(isinstance(e, dict) and "momentum_buffer" in e for e in out["state"].values())
+    groups = []
+    for group in state_dict.get("param_groups", []):
+        group = dict(group)
+        if one_state:
+            # Their SGD8bit keeps momentum as betas = (momentum, 0) with eps = 0; other one-state
+            # optimizers (Lion, RMSprop, Adagrad) do not fit SGD's state.
+            betas = tuple(group.get("betas", ()))
+            if len(betas) != 2 or betas[1] != 0 or group.get("eps", 0) != 0:
+                raise ValueError("a one-state bitsandbytes optimizer converts only as SGD8bit "
+                                 "(its groups have betas = (momentum, 0) and eps = 0)")
+            group.pop("betas"), group.pop("eps", None)
+            # Their state_dict does not record dampening and nesterov: their defaults.
+            group = {"momentum": betas[0], "dampening": 0.0, "nesterov": False, **group}
+        elif group.get("alpha") not in (None, 0, 0.0):
+            raise ValueError("bitsandbytes AdEMAMix (alpha != 0) has no cpuadam equivalent")
+        for key in _BNB_GROUP_KEYS:
+            group.pop(key, None)
+        groups.append(group)
+    out["param_groups"] = groups
+    return out
+
+
+def to_bitsandbytes(state_dict: dict, min_8bit_size: int = 4096) -> dict:
+    """A bitsandbytes 8-bit optimizer state_dict made of a cpuadam.torch one (Adam/AdamW, or
+    SGD with momentum): the inverse of from_bitsandbytes. float32 or 16-bit moments of at least
+    ``min_8bit_size`` elements (bitsandbytes' default, 4096) are quantized first, as
+    cpuadam.quantize_state does; smaller ones stay float32, as bitsandbytes keeps them. The
+    codes keep cpuadam's map in ``qmap1``/``qmap2``, which bitsandbytes decodes with.
+    Refused: AMSGrad's ``max_exp_avg_sq`` (bitsandbytes has no 8-bit AMSGrad).
+    """
+    quantized = quantize_state(state_dict, min_8bit_size)
+
+    def convert(entry: dict) -> dict:
+        if entry.get("max_exp_avg_sq") is not None:
+            raise ValueError("max_exp_avg_sq: bitsandbytes has no AMSGrad state")
+        moments = _BNB_MOMENTS[1] if "momentum_buffer" in entry else _BNB_MOMENTS[2]
+        wrapped = {}
+        for i, (theirs, ours) in enumerate(moments, start=1):
+            if entry.get(ours) is None:
+                continue
+            value = entry.pop(ours)
+            absmax = entry.pop(ours + "_absmax", None)
+            entry.pop(ours + "_qmap", None)
+            if absmax is None:  # a small tensor: float32, as theirs are
+                wrapped[theirs] = _like(value, _values_of(value).astype(np.float32))
+            else:
+                wrapped[theirs] = value
+                wrapped[f"absmax{i}"] = absmax
+                wrapped[f"qmap{i}"] = _like(value, _core.qmap(QUANT_MAPS[ours]))
+        if "step" in entry:
+            entry["step"] = check_step_value(entry["step"], "step")
+        elif "state1" in wrapped:
+            # Their SGD8bit counts steps and starts the buffer afresh at step 1: a buffer
+            # already there is past it.
+            entry["step"] = 1
+        if wrapped:
+            entry[_BNB_WRAP] = wrapped
+        return entry
+
+    out = _map_state(quantized, convert)
+    groups = []
+    for group in quantized.get("param_groups", []):
+        if "momentum" in group and "betas" not in group:  # SGD: their SGD8bit's group layout
+            group = {k: v for k, v in group.items() if k != "momentum"}
+            group.update(betas=(float(dict(quantized["param_groups"][len(groups)])["momentum"]), 0.0),
+                         eps=0.0)
+        else:
+            group = {**_BNB_GROUP_KEYS, **group}
+        groups.append(group)
+    out["param_groups"] = groups
+    return out
