@@ -400,6 +400,15 @@ def _train(model, opt, x, steps: int) -> None:
         opt.step()
 
 
+def _one_more_step_agrees(model_b, opt_b, model_c, opt_c, x) -> None:
+    """One more step each: the params agree to rounding (the maps differ by up to 2 ulp, and
+    their quantizer's grid moves some codes; both step from the exact new moments)."""
+    _train(model_b, opt_b, x, 1)
+    _train(model_c, opt_c, x, 1)
+    for p_b, p_c in zip(model_b.parameters(), model_c.parameters()):
+        torch.testing.assert_close(p_c, p_b, rtol=1e-5, atol=1e-6)
+
+
 def test_their_checkpoint_converts_loads_and_steps_alike():
     x = torch.randn(32, 128, generator=torch.Generator().manual_seed(1))
     model_b = _two_layer()
@@ -421,12 +430,7 @@ def test_their_checkpoint_converts_loads_and_steps_alike():
                 assert torch.equal(st_c[key + "_qmap"], torch.from_numpy(_core.qmap(MAPS[key])))
             else:  # float32 moments of the small tensors, as they are
                 assert torch.equal(st_c[key], st_b[codes])
-    # One more step each: the params agree to rounding (the maps differ by up to 2 ulp, and
-    # their quantizer's grid moves some codes; both are stepped from the exact new moments).
-    _train(model_b, opt_b, x, 1)
-    _train(model_c, opt_c, x, 1)
-    for p_b, p_c in zip(model_b.parameters(), model_c.parameters()):
-        torch.testing.assert_close(p_c, p_b, rtol=1e-5, atol=1e-6)
+    _one_more_step_agrees(model_b, opt_b, model_c, opt_c, x)
 
 
 def test_our_checkpoint_converts_loads_into_theirs_and_steps_alike():
@@ -447,10 +451,7 @@ def test_our_checkpoint_converts_loads_into_theirs_and_steps_alike():
                 assert torch.equal(st_b[codes], st_c[key]) and torch.equal(st_b[absmax], st_c[key + "_absmax"])
             else:
                 assert torch.equal(st_b[codes], st_c[key])
-    _train(model_b, opt_b, x, 1)
-    _train(model_c, opt_c, x, 1)
-    for p_b, p_c in zip(model_b.parameters(), model_c.parameters()):
-        torch.testing.assert_close(p_b, p_c, rtol=1e-5, atol=1e-6)
+    _one_more_step_agrees(model_b, opt_b, model_c, opt_c, x)
     # And back again: the same state, bit for bit.
     again = cpuadam.from_bitsandbytes(cpuadam.to_bitsandbytes(opt_c.state_dict()))
     for i, entry in opt_c.state_dict()["state"].items():
@@ -472,10 +473,7 @@ def test_their_sgd_momentum_converts_and_steps_alike():
     opt_c.load_state_dict(sd)
     big = next(model_b.parameters())
     assert torch.equal(opt_c.state_dict()["state"][0]["momentum_buffer"], opt_b.state[big]["state1"])
-    _train(model_b, opt_b, x, 1)
-    _train(model_c, opt_c, x, 1)
-    for p_b, p_c in zip(model_b.parameters(), model_c.parameters()):
-        torch.testing.assert_close(p_c, p_b, rtol=1e-5, atol=1e-6)
+    _one_more_step_agrees(model_b, opt_b, model_c, opt_c, x)
 
 
 def test_our_sgd_momentum_converts_into_their_sgd8bit_and_steps_alike():
@@ -488,7 +486,4 @@ def test_our_sgd_momentum_converts_into_their_sgd8bit_and_steps_alike():
     model_b.load_state_dict(model_c.state_dict())
     opt_b = bnb.optim.SGD8bit(model_b.parameters(), **hyper)
     opt_b.load_state_dict(cpuadam.to_bitsandbytes(opt_c.state_dict()))
-    _train(model_b, opt_b, x, 1)
-    _train(model_c, opt_c, x, 1)
-    for p_b, p_c in zip(model_b.parameters(), model_c.parameters()):
-        torch.testing.assert_close(p_b, p_c, rtol=1e-5, atol=1e-6)
+    _one_more_step_agrees(model_b, opt_b, model_c, opt_c, x)
