@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // The one kernel source compiled once per ISA level: instantiates kernel.h for
 // the supported dtypes and flags, runs it over thread slices, exports a table.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>

@@ -520,6 +520,45 @@ def test_conversions_to_and_from_float32_states():
     assert torch.allclose(back["state"][2]["exp_avg"], want, rtol=0, atol=0.02 * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("frontend", ["numpy", "torch"])
+def test_an_8bit_checkpoint_loads_into_a_float32_optimizer_as_its_dequantized_values(frontend):
+    """Loading converts the moments (at the next step), bit for bit as dequantize_state does;
+    and the reverse, a float32 checkpoint into an 8-bit optimizer, as quantize_state does."""
+    opt, params = numpy_run(SHAPES, 3, 5, state_dtype="8bit")
+    sd8 = opt.state_dict()
+    sd32 = cpuadam.dequantize_state(sd8)
+    grads = [np.full(p.shape, 0.01, np.float32) for p in params]
+
+    def stepped(sd, **options):
+        if frontend == "numpy":
+            ps = [p.copy() for p in params]
+            o = cpuadam.AdamW(ps, lr=1e-2, **options)
+            o.load_state_dict(sd)
+            o.step([g.copy() for g in grads])
+            return [p.copy() for p in ps], o.state_dict()["state"]
+        as_tensor = lambda v: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else torch.tensor(float(v))
+        tsd = {"state": {i: {k: as_tensor(v) for k, v in e.items()} for i, e in sd["state"].items()},
+               "param_groups": [dict(sd["param_groups"][0])]}
+        ps = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in params]
+        o = ctorch.AdamW(ps, lr=1e-2, **options)
+        o.load_state_dict(tsd)
+        for p, g in zip(ps, grads):
+            p.grad = torch.from_numpy(g.copy())
+        o.step()
+        return [p.detach().numpy().copy() for p in ps], {i: {k: np.asarray(v) for k, v in e.items()}
+                                                          for i, e in o.state_dict()["state"].items()}
+
+    for (a, sa), (b, sb) in ((stepped(sd8), stepped(sd32)),
+                             (stepped(sd32, state_dtype="8bit"), stepped(cpuadam.quantize_state(sd32), state_dtype="8bit"))):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+        for i in sa:
+            assert sa[i].keys() == sb[i].keys()
+            for k in sa[i]:
+                np.testing.assert_array_equal(sa[i][k], sb[i][k], err_msg=k)
+    assert stepped(sd8)[1][2]["exp_avg"].dtype == np.float32
+
+
 def test_a_foreign_qmap_or_bad_absmax_is_refused_on_load():
     opt, params = numpy_run(SHAPES, 1, 3, state_dtype="8bit")
     sd = opt.state_dict()

@@ -739,7 +739,7 @@ class Engine:
                 st[sk + "_absmax"] = adapter.from_numpy(absmax)
                 st[sk + "_qmap"] = adapter.from_numpy(_core.qmap(QUANT_MAPS[sk]))
             else:
-                values = dequantize_moment(st, sk, adapter.view)
+                values = dequantize_moment(st, sk, lambda obj, sk=sk: adapter.view(obj, f"loaded '{sk}'"))
                 st[sk] = adapter.new_buffer(p, sdtype, fill=adapter.from_numpy(values))
                 st.pop(sk + "_absmax", None)
                 st.pop(sk + "_qmap", None)
