@@ -450,3 +450,25 @@ def test_tensor_betas_step_like_float_betas():
         p.grad = torch.linspace(-1, 1, 5)
         opt.step()
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("frontend", ["numpy", "torch"])
+@pytest.mark.parametrize("option", [("state_dtype", "8bit"), ("param_update", "stochastic"),
+                                    ("clipnorm", 1.0), ("min_8bit_size", 1), ("use_ema", True)])
+def test_an_optimizer_wide_option_in_a_param_group_is_refused_not_ignored(frontend, option):
+    """torch keeps unknown group keys silently; a cpuadam option there would silently do nothing
+    (state_dtype="8bit" in one group and float32 states everywhere), so it is refused, in the
+    constructor's groups and in add_param_group, and the optimizer stays as it was."""
+    key, value = option
+    if frontend == "numpy":
+        make = lambda groups: cpuadam.AdamW(groups, lr=1e-3)
+        param = lambda: np.zeros(5, np.float32)
+    else:
+        make = lambda groups: ct.AdamW(groups, lr=1e-3)
+        param = lambda: torch.nn.Parameter(torch.zeros(5))
+    with pytest.raises(ValueError, match=f"{key} in group 1 is an option of the whole optimizer"):
+        make([{"params": [param()]}, {"params": [param()], key: value}])
+    opt = make([{"params": [param()]}])
+    with pytest.raises(ValueError, match=f"{key} in group 1 is an option of the whole optimizer"):
+        opt.add_param_group({"params": [param()], key: value})
+    assert len(opt.param_groups) == 1

@@ -12,6 +12,7 @@ call. The core (`_core`) then validates every buffer again before it writes a by
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import operator
@@ -312,6 +313,10 @@ class Options:
                 and self.param_update == "nearest")
 
 
+#: The Options keywords: set for the whole optimizer, never per param group.
+OPTION_NAMES = frozenset(inspect.signature(Options.__init__).parameters) - {"self"}
+
+
 # --- the plan -----------------------------------------------------------------------------
 
 _STEP = operator.itemgetter("step")
@@ -493,6 +498,12 @@ class Engine:
 
     # --- groups ---------------------------------------------------------------------------
     def check_group(self, group: dict, where: str) -> None:
+        # torch keeps unknown group keys silently; an option of the whole optimizer in a group
+        # would be silently ignored, so it is refused.
+        wide = sorted(OPTION_NAMES.intersection(group))
+        if wide:
+            raise ValueError(f"{wide[0]}{where} is an option of the whole optimizer, not of a "
+                             "param group: pass it to the optimizer's constructor")
         self.rule.check_group(group, where)
 
     def init_group(self, group: dict, gi: int) -> None:
