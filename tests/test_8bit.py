@@ -712,6 +712,10 @@ def test_bitsandbytes_conversions_refuse_what_has_no_counterpart(rng):
     theirs["param_groups"][0]["alpha"] = 5.0
     with pytest.raises(ValueError, match="AdEMAMix"):
         cpuadam.from_bitsandbytes(theirs)
+    theirs = their_layout(rng, QUANT_BLOCK)
+    theirs["state"][0][BNB_WRAP]["qmap2"] = np.linspace(0, 1, 16).astype(np.float32)  # a 4-bit map
+    with pytest.raises(ValueError, match="qmap2 has 16 values"):
+        cpuadam.from_bitsandbytes(theirs)
     lion = their_layout(rng, QUANT_BLOCK)  # one state with betas (0.9, 0.99): not SGD8bit
     for key in ("state2", "absmax2", "qmap2"):
         del lion["state"][0][BNB_WRAP][key]

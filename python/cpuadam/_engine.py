@@ -1270,8 +1270,11 @@ def from_bitsandbytes(state_dict: dict) -> dict:
                 continue
             if absmax is None or qmap is None:
                 raise ValueError(f"bitsandbytes {theirs} is 8-bit but absmax{i}/qmap{i} are missing")
-            mine = _core.qmap(QUANT_MAPS[ours])
-            if _ulp_close(_values_of(qmap).reshape(-1), mine, 2):
+            mine, theirs_map = _core.qmap(QUANT_MAPS[ours]), _values_of(qmap).reshape(-1)
+            if theirs_map.size != 256:
+                raise ValueError(f"bitsandbytes qmap{i} has {theirs_map.size} values, expected the "
+                                 "256 of an 8-bit map")
+            if _ulp_close(theirs_map, mine, 2):
                 entry[ours] = value
                 entry[ours + "_absmax"] = _like(value, _values_of(absmax).astype(np.float32))
                 entry[ours + "_qmap"] = _like(value, mine)
