@@ -1355,9 +1355,8 @@ def to_bitsandbytes(state_dict: dict, min_8bit_size: int = 4096) -> dict:
     groups = []
     for group in quantized.get("param_groups", []):
         if "momentum" in group and "betas" not in group:  # SGD: their SGD8bit's group layout
-            group = {k: v for k, v in group.items() if k != "momentum"}
-            group.update(betas=(float(dict(quantized["param_groups"][len(groups)])["momentum"]), 0.0),
-                         eps=0.0)
+            group = {k: v for k, v in group.items() if k != "momentum"} | {
+                "betas": (float(group["momentum"]), 0.0), "eps": 0.0}
         else:
             group = {**_BNB_GROUP_KEYS, **group}
         groups.append(group)
