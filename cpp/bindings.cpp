@@ -377,6 +377,12 @@ ParamUpdate parse_param_update(const std::string& s, const std::string& in_group
                         "' (expected 'nearest', 'stochastic', 'kahan' or 'master')");
 }
 
+StateRounding parse_state_rounding(const std::string& s, const std::string& in_group) {
+  if (s == "nearest") return StateRounding::Nearest;
+  if (s == "stochastic") return StateRounding::Stochastic;
+  throw py::value_error("invalid state_rounding" + in_group + ": '" + s + "' (expected 'nearest' or 'stochastic')");
+}
+
 // splitmix64's finaliser (Steele, Lea and Flood, "Fast splittable pseudorandom
 // number generators", 2014): a bijection of 64-bit words with full avalanche.
 uint64_t mix64(uint64_t z) {
@@ -619,9 +625,14 @@ Batch make_batch(const py::dict& d, Optim optim) {
     lists.push_back({"masters", "master", &TensorSpan::master, DType::Float32});
   if (a.param_update == ParamUpdate::Kahan)
     lists.push_back({"kahan_comps", "kahan_comp", &TensorSpan::kahan_comp, a.param_dtype});
+  a.state_rounding = parse_state_rounding(get_or<std::string>(d, "state_rounding", "nearest"), in_group);
+  if (a.state_rounding == StateRounding::Stochastic && a.state_dtype != DType::Blockwise8)
+    throw py::value_error("invalid state_rounding" + in_group +
+                          ": 'stochastic' rounds 8-bit states (state_dtype is not '8bit')");
+  const bool keyed = a.param_update == ParamUpdate::Stochastic || a.state_rounding == StateRounding::Stochastic;
   int64_t seed = 0, rounding_step = 0;
   std::vector<int64_t> stream_ids;
-  if (a.param_update == ParamUpdate::Stochastic) {
+  if (keyed) {
     for (const char* key : {"seed", "rounding_step", "stream_ids"})
       if (!has(d, key)) throw py::value_error(std::string("batch is missing '") + key + "'");
     seed = get_or<int64_t>(d, "seed", 0);
@@ -646,7 +657,7 @@ Batch make_batch(const py::dict& d, Optim optim) {
   }
   b.buffers = validate(d, lists, Namer{group, get_or<std::vector<int64_t>>(d, "indices", {})},
                        a.param_dtype, a.grad_dtype, b.step_buffers.extents);
-  if (a.param_update == ParamUpdate::Stochastic) {
+  if (keyed) {
     if (stream_ids.size() != b.buffers.spans.size())
       throw py::value_error("stream_ids has " + std::to_string(stream_ids.size()) +
                             " entries but params has " + std::to_string(b.buffers.spans.size()));

@@ -218,19 +218,19 @@ constexpr int64_t kTile = 512;
 // bfloat16 grads run in place; otherwise tile by tile: convert in, step, store.
 // A stepped float32 tile of n elements from element i0 back into a 16-bit param.
 // Stochastic rounding keys element i by i0 + i; a run never crosses a multiple of
-// 2^32, whose high part is folded into the key.
-// The stochastic rounding keys of a run starting at element i0 (key0, key1).
-inline void rounding_keys(const TensorSpan& s, int64_t i0, RunPtrs& r) {
+// 2^32, whose high part is folded into the key: (index0, key0, key1) of the run
+// from element i0 under a tensor's (or a state's) 64-bit key.
+inline void rounding_keys(uint64_t key, int64_t i0, RunPtrs& r) {
   const uint32_t hi = static_cast<uint32_t>(static_cast<uint64_t>(i0) >> 32);
   r.index0 = static_cast<uint32_t>(i0);
-  r.key0 = static_cast<uint32_t>(s.rounding_key);
-  r.key1 = static_cast<uint32_t>(s.rounding_key >> 32) ^ mix32(hi);
+  r.key0 = static_cast<uint32_t>(key);
+  r.key1 = static_cast<uint32_t>(key >> 32) ^ mix32(hi);
 }
 
 template <ParamUpdate kUpdate, typename P>
 void store_param_run(const float* tile, const TensorSpan& s, int64_t i0, int64_t n) {
   RunPtrs keys{};
-  rounding_keys(s, i0, keys);
+  rounding_keys(s.rounding_key, i0, keys);
   store_param_tile<kUpdate>(tile, at<P>(s.param, i0), at<P>(s.kahan_comp, i0), n, keys.index0,
                             keys.key0, keys.key1);
 }
@@ -258,7 +258,7 @@ void run_tensor(const TensorSpan& s, int64_t first, int64_t count, RangeFn fn, i
       RunPtrs r = ptrs(i0);
       if constexpr (kUpdate == ParamUpdate::Stochastic) {
         n = n < to_key_boundary(i0) ? n : to_key_boundary(i0);
-        rounding_keys(s, i0, r);
+        rounding_keys(s.rounding_key, i0, r);
       } else if constexpr (kUpdate == ParamUpdate::Master) {
         r.rounded = r.param;
         r.param = at<float>(s.master, i0);
@@ -346,10 +346,22 @@ struct QuantTiles {
   alignas(64) float grad[kQuantBlock];
 };
 
+// rounding_bits of elements index0 .. index0 + n - 1 (never crossing a multiple of 2^32).
+inline void fill_rounding_bits(uint32_t* out, int64_t n, uint32_t index0, uint32_t key0, uint32_t key1) {
+  int64_t i = 0;
+#if defined(__AVX2__)
+  const __m256i order = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                        rounding_bits8(index0 + static_cast<uint32_t>(i), order, key0, key1));
+#endif
+  for (; i < n; ++i) out[i] = rounding_bits(index0 + static_cast<uint32_t>(i), key0, key1);
+}
+
 // Blocks [block0, block0 + nblocks) of one tensor.
 template <typename P, ParamUpdate kUpdate, typename G>
 void run_blocks_8bit(const TensorSpan& s, int64_t block0, int64_t nblocks, RangeFn fn,
-                     const StepScalars& sc) {
+                     const StepScalars& sc, StateRounding rounding) {
   constexpr bool kTiledParam = !std::is_same_v<P, float>;
   constexpr bool kTiledGrad = std::is_same_v<G, Float16>;
   const QuantTable& signed_map = signed_table();
@@ -361,18 +373,26 @@ void run_blocks_8bit(const TensorSpan& s, int64_t block0, int64_t nblocks, Range
     float* absmax;
     float* tile;
     const QuantTable* map;
+    uint64_t key;  // StateRounding::Stochastic: this state's own rounding key
   };
+  // Each state's stochastic codes get a key of their own, apart from the param's
+  // (kStateKeyTag times 1, 2, 3 mixed into the tensor's key).
+  constexpr uint64_t kStateKeyTag = 0x9E3779B97F4A7C15ull;
+  const auto state_key = [&](uint64_t which) { return s.rounding_key ^ (kStateKeyTag * which); };
   Moment moments[3];
   int num_moments = 0;
   if (s.exp_avg != nullptr)
-    moments[num_moments++] = {static_cast<uint8_t*>(s.exp_avg), static_cast<float*>(s.exp_avg_absmax), t.exp_avg, &signed_map};
+    moments[num_moments++] = {static_cast<uint8_t*>(s.exp_avg), static_cast<float*>(s.exp_avg_absmax), t.exp_avg,
+                              &signed_map, state_key(1)};
   if (s.exp_avg_sq != nullptr)
     moments[num_moments++] = {static_cast<uint8_t*>(s.exp_avg_sq), static_cast<float*>(s.exp_avg_sq_absmax), t.exp_avg_sq,
-                              &unsigned_map};
+                              &unsigned_map, state_key(2)};
   if (s.max_exp_avg_sq != nullptr)
     moments[num_moments++] = {static_cast<uint8_t*>(s.max_exp_avg_sq),
                               static_cast<float*>(s.max_exp_avg_sq_absmax),
-                              t.max_exp_avg_sq, &unsigned_map};
+                              t.max_exp_avg_sq, &unsigned_map, state_key(3)};
+  const bool stochastic = rounding == StateRounding::Stochastic;
+  alignas(32) uint32_t random[kQuantBlock];
   for (int64_t b = block0; b < block0 + nblocks; ++b) {
     const int64_t i0 = b * kQuantBlock;
     const int64_t n = s.numel - i0 < kQuantBlock ? s.numel - i0 : kQuantBlock;
@@ -398,8 +418,15 @@ void run_blocks_8bit(const TensorSpan& s, int64_t block0, int64_t nblocks, Range
     fn(r, n, s.grad_scale, sc);
     // Blocks never cross a multiple of 2^32 (a multiple of kQuantBlock).
     if constexpr (kTiledParam) store_param_run<kUpdate, P>(static_cast<float*>(r.param), s, i0, n);
-    for (int k = 0; k < num_moments; ++k)
-      moments[k].absmax[b] = quantize_block(moments[k].tile, moments[k].codes + i0, n, *moments[k].map);
+    for (int k = 0; k < num_moments; ++k) {
+      if (stochastic) {
+        RunPtrs keys{};
+        rounding_keys(moments[k].key, i0, keys);
+        fill_rounding_bits(random, n, keys.index0, keys.key0, keys.key1);
+      }
+      moments[k].absmax[b] = quantize_block(moments[k].tile, moments[k].codes + i0, n, *moments[k].map,
+                                            stochastic ? random : nullptr);
+    }
   }
 }
 
@@ -416,7 +443,7 @@ void run_all_8bit(const StepArgs& a, RangeFn fn) {
     const int64_t per = (total + team - 1) / team;
     Slice sl{per * me < total ? per * me : total, per * (me + 1) < total ? per * (me + 1) : total};
     for_each_piece(block_offsets.data(), a.num_tensors, sl, [&](int64_t t, int64_t first, int64_t count) {
-      run_blocks_8bit<P, kUpdate, G>(a.tensors[t], first, count, fn, a.scalars);
+      run_blocks_8bit<P, kUpdate, G>(a.tensors[t], first, count, fn, a.scalars, a.state_rounding);
     });
   };
   parallel_for_threads(num_threads, slice);

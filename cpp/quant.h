@@ -37,6 +37,13 @@
 // time), the table entries (scalar loads: up to three per cycle, where an AVX2
 // gather of 8 costs a dozen cycles or more), then the codes (8 lanes at a time).
 //
+// Stochastic rounding (the state_rounding="stochastic" option): x goes to one
+// of the two map values around it, lo <= x < hi, the upper one when
+// u * (hi - lo) < x - lo for u = (random >> 8) * 2^-24 in [0, 1) from 32 random
+// bits per element, so that the expected stored value is x. A map value keeps
+// its code (x - lo = 0); NaN keeps its nearest code. lo and hi come from the
+// nearest code and its neighbour on x's side, decoded by the closed form.
+//
 // x = value / absmax is the float32 quotient, computed without a division
 // (the kernels' divider is already busy with the update): q = value * r with
 // r = 1/absmax, then q + (value - q*absmax) * r, both fused, which rounds like
@@ -217,6 +224,19 @@ inline uint8_t nearest_code(float x, const QuantTable& t) {
   return static_cast<uint8_t>((e & 0xFFu) + (((e >> 8) & 1u) & static_cast<uint32_t>(beyond)));
 }
 
+// The stochastic choice between the map values around x (see the top of the
+// file), from x's nearest code q.
+inline uint8_t stochastic_code(float x, uint8_t q, uint32_t random, const QuantTable& t) {
+  const float vq = t.qmap[q];
+  const bool above = vq > x;  // q is the upper neighbour
+  const int32_t n = above ? (q > 0 ? q - 1 : 0) : (q < 255 ? q + 1 : 255);
+  const float vn = t.qmap[n];
+  const float lo = above ? vn : vq, hi = above ? vq : vn;
+  const float u = static_cast<float>(random >> 8) * 0x1p-24f;
+  const bool up = u * (hi - lo) < x - lo;
+  return static_cast<uint8_t>(up == above ? q : n);
+}
+
 // The power of two a block's values and absmax are scaled by before the
 // quotient (1 unless absmax is below 2^-60 or above 2^60).
 inline float quotient_prescale(float absmax) {
@@ -261,10 +281,61 @@ inline float block_absmax(const float* __restrict v, int64_t n) {
   return m;
 }
 
+#if defined(__AVX2__)
+// The closed form (see the top of the file) on eight codes, as decode_closed_form
+// computes it: qmap[code] for codes in [0, 255] held in 32-bit lanes.
+struct Decoder8 {
+  __m256 hi, lo, c18, cm16, c9;
+  __m256i exponent, sign_bit, offset, zero_w;
+
+  explicit Decoder8(const QuantTable& t)
+      : hi(_mm256_load_ps(t.coef_hi)), lo(_mm256_load_ps(t.coef_lo)), c18(_mm256_set1_ps(18.f)),
+        cm16(_mm256_set1_ps(-16.f)), c9(_mm256_set1_ps(9.f)),
+        exponent(_mm256_set1_epi32(static_cast<int32_t>(0xFF800000u))),
+        sign_bit(_mm256_set1_epi32(static_cast<int32_t>(0x80000000u))),
+        offset(_mm256_set1_epi32(t.is_signed ? 127 : -1)), zero_w(_mm256_set1_epi32(t.is_signed ? 0 : 1)) {}
+
+  __m256 operator()(__m256i c) const {
+    const __m256i d = _mm256_sub_epi32(c, offset);  // signed: code - 127; unsigned: code + 1
+    const __m256i w = _mm256_abs_epi32(d);
+    const __m256 wf = _mm256_cvtepi32_ps(w);
+    const __m256i wb = _mm256_castps_si256(wf);
+    const __m256 p = _mm256_castsi256_ps(_mm256_and_si256(wb, exponent));
+    const __m256i slot = _mm256_srli_epi32(wb, 23);  // vpermps reads bits 0-2
+    const __m256 numer = _mm256_fmadd_ps(wf, c18, _mm256_fmadd_ps(p, cm16, c9));
+    const __m256 value = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(hi, slot), numer,
+                                         _mm256_mul_ps(_mm256_permutevar8x32_ps(lo, slot), numer));
+    const __m256 zero = _mm256_castsi256_ps(_mm256_cmpeq_epi32(w, zero_w));
+    // d < 0 only for the signed map's negative codes.
+    const __m256 sign = _mm256_castsi256_ps(_mm256_and_si256(d, sign_bit));
+    return _mm256_xor_ps(_mm256_andnot_ps(zero, value), sign);
+  }
+};
+
+// stochastic_code on eight lanes: x, its nearest codes q and 32 random bits each.
+inline __m256i stochastic_codes8(__m256 x, __m256i q, __m256i random, const Decoder8& decode) {
+  const __m256i one = _mm256_set1_epi32(1);
+  const __m256 vq = decode(q);
+  const __m256i above = _mm256_castps_si256(_mm256_cmp_ps(vq, x, _CMP_GT_OQ));
+  // above: q - 1; else q + 1; clamped to the map, as stochastic_code does.
+  __m256i n = _mm256_min_epi32(_mm256_add_epi32(q, _mm256_or_si256(above, one)), _mm256_set1_epi32(255));
+  n = _mm256_max_epi32(n, _mm256_setzero_si256());
+  const __m256 vn = decode(n);
+  const __m256 lo = _mm256_blendv_ps(vq, vn, _mm256_castsi256_ps(above));
+  const __m256 hi = _mm256_blendv_ps(vn, vq, _mm256_castsi256_ps(above));
+  const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(random, 8)), _mm256_set1_ps(0x1p-24f));
+  const __m256i up = _mm256_castps_si256(
+      _mm256_cmp_ps(_mm256_mul_ps(u, _mm256_sub_ps(hi, lo)), _mm256_sub_ps(x, lo), _CMP_LT_OQ));
+  // up == above: q; otherwise n.
+  return _mm256_blendv_epi8(n, q, _mm256_cmpeq_epi32(up, above));
+}
+#endif
+
 // Codes of one block of n <= kQuantBlock values; returns its absmax. An all-zero
-// block has absmax 0 and every code that of 0 (x taken as 0).
+// block has absmax 0 and every code that of 0 (x taken as 0). With `random` (n
+// words of random bits), the codes are rounded stochastically instead.
 inline float quantize_block(const float* __restrict v, uint8_t* __restrict codes, int64_t n,
-                            const QuantTable& t) {
+                            const QuantTable& t, const uint32_t* __restrict random = nullptr) {
   const float absmax = block_absmax(v, n);
   const float pre = quotient_prescale(absmax);
   const float scale = absmax > 0.f ? absmax * pre : 1.f;  // 0 / 1 = 0: the code of 0
@@ -281,6 +352,7 @@ inline float quantize_block(const float* __restrict v, uint8_t* __restrict codes
   const __m256i per_sign = _mm256_set1_epi32(kBucketsPerSign);
   const __m256i per_sign_m1 = _mm256_set1_epi32(kBucketsPerSign - 1);
   const __m256i byte = _mm256_set1_epi32(0xFF), one = _mm256_set1_epi32(1);
+  const Decoder8 decode(t);
   for (; i < n16; i += 8) {
     const __m256 value = _mm256_mul_ps(_mm256_loadu_ps(v + i), vpre);
     const __m256 q = _mm256_mul_ps(value, vr);
@@ -314,6 +386,10 @@ inline float quantize_block(const float* __restrict v, uint8_t* __restrict codes
                                                 _mm256_cmpgt_epi32(mid_low, x_low), neg);
       const __m256i inside = _mm256_and_si256(_mm256_srli_epi32(e, 8), one);
       code[h] = _mm256_add_epi32(_mm256_and_si256(e, byte), _mm256_and_si256(inside, beyond));
+      if (random != nullptr)
+        code[h] = stochastic_codes8(_mm256_castsi256_ps(u), code[h],
+                                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(random + k + 8 * h)),
+                                    decode);
     }
     // 16 codes < 256 to bytes, in order.
     const __m256i words = _mm256_permute4x64_epi64(_mm256_packus_epi32(code[0], code[1]), 0xD8);
@@ -321,7 +397,11 @@ inline float quantize_block(const float* __restrict v, uint8_t* __restrict codes
     _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), bytes);
   }
 #endif
-  for (; i < n; ++i) codes[i] = nearest_code(quotient(v[i] * pre, scale, r), t);
+  for (; i < n; ++i) {
+    const float x = quotient(v[i] * pre, scale, r);
+    const uint8_t q = nearest_code(x, t);
+    codes[i] = random != nullptr ? stochastic_code(x, q, random[i], t) : q;
+  }
   return absmax;
 }
 
@@ -330,29 +410,11 @@ inline void dequantize_block(const uint8_t* __restrict codes, float absmax, floa
                              int64_t n, const QuantTable& t) {
   int64_t i = 0;
 #if defined(__AVX2__)
-  // The closed form (see the top of the file), as decode_closed_form computes it.
   const __m256 vabsmax = _mm256_set1_ps(absmax);
-  const __m256 hi = _mm256_load_ps(t.coef_hi), lo = _mm256_load_ps(t.coef_lo);
-  const __m256 c18 = _mm256_set1_ps(18.f), cm16 = _mm256_set1_ps(-16.f), c9 = _mm256_set1_ps(9.f);
-  const __m256i exponent = _mm256_set1_epi32(static_cast<int32_t>(0xFF800000u));
-  const __m256i sign_bit = _mm256_set1_epi32(static_cast<int32_t>(0x80000000u));
-  const __m256i offset = _mm256_set1_epi32(t.is_signed ? 127 : -1);
-  const __m256i zero_w = _mm256_set1_epi32(t.is_signed ? 0 : 1);
+  const Decoder8 decode(t);
   for (; i + 8 <= n; i += 8) {
     const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i)));
-    const __m256i d = _mm256_sub_epi32(c, offset);  // signed: code - 127; unsigned: code + 1
-    const __m256i w = _mm256_abs_epi32(d);
-    const __m256 wf = _mm256_cvtepi32_ps(w);
-    const __m256i wb = _mm256_castps_si256(wf);
-    const __m256 p = _mm256_castsi256_ps(_mm256_and_si256(wb, exponent));
-    const __m256i slot = _mm256_srli_epi32(wb, 23);  // vpermps reads bits 0-2
-    const __m256 numer = _mm256_fmadd_ps(wf, c18, _mm256_fmadd_ps(p, cm16, c9));
-    const __m256 value = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(hi, slot), numer,
-                                         _mm256_mul_ps(_mm256_permutevar8x32_ps(lo, slot), numer));
-    const __m256 zero = _mm256_castsi256_ps(_mm256_cmpeq_epi32(w, zero_w));
-    // d < 0 only for the signed map's negative codes.
-    const __m256 sign = _mm256_castsi256_ps(_mm256_and_si256(d, sign_bit));
-    _mm256_storeu_ps(v + i, _mm256_mul_ps(_mm256_xor_ps(_mm256_andnot_ps(zero, value), sign), vabsmax));
+    _mm256_storeu_ps(v + i, _mm256_mul_ps(decode(c), vabsmax));
   }
 #endif
   for (; i < n; ++i) v[i] = t.qmap[codes[i]] * absmax;

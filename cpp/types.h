@@ -37,6 +37,10 @@ enum class Ema : int { Off = 0, On = 1 };
 // and rounded into the param.
 enum class ParamUpdate : int { Nearest = 0, Stochastic = 1, Kahan = 2, Master = 3 };
 
+// How new 8-bit state codes are chosen (quant.h): the nearest code, or one of
+// the two around the value by a counter-based hash (unbiased).
+enum class StateRounding : int { Nearest = 0, Stochastic = 1 };
+
 // SGD's momentum buffer: none, or the first step (buffer = d_p), or later steps.
 enum class Momentum : int { Off = 0, First = 1, On = 2 };
 enum class Nesterov : int { Off = 0, On = 1 };
@@ -81,8 +85,9 @@ struct TensorSpan {
   void* exp_avg_absmax = nullptr;  // SGD: the momentum buffer's
   void* exp_avg_sq_absmax = nullptr;
   void* max_exp_avg_sq_absmax = nullptr;
-  // ParamUpdate::Stochastic: the hash of (seed, rounding_step, stream_id),
-  // computed on the host; element i's rounding is keyed by (rounding_key, i).
+  // ParamUpdate::Stochastic, StateRounding::Stochastic: the hash of (seed,
+  // rounding_step, stream_id), computed on the host; element i's rounding is
+  // keyed by (rounding_key, i), each 8-bit state's by a key derived from it.
   uint64_t rounding_key = 0;
   int64_t numel = 0;
   // maximize's sign x loss scale x clipping x 1/accumulation steps, set per
@@ -106,6 +111,7 @@ struct StepArgs {
   DType grad_dtype = DType::Float32;
   DType state_dtype = DType::Float32;
   ParamUpdate param_update = ParamUpdate::Nearest;
+  StateRounding state_rounding = StateRounding::Nearest;  // DType::Blockwise8 states only
   int num_threads = 1;
 };
 

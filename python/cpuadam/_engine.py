@@ -29,6 +29,7 @@ _EPS_MODES = ("torch", "keras")
 _DECAY_MODES = ("lr", "independent")
 STATE_DTYPES = ("float32", "bfloat16", "float16", "8bit")
 PARAM_UPDATES = ("nearest", "stochastic", "kahan", "master")
+STATE_ROUNDINGS = ("nearest", "stochastic")
 # Float dtypes the fused kernel steps, by name.
 KERNEL_DTYPES = ("float32", "bfloat16", "float16")
 # 8-bit states: the code map of each moment, and the elements per absmax.
@@ -254,7 +255,7 @@ class Options:
                  weight_decay_mask: Callable[[str | None, Any], bool] | Sequence[bool] | None = None,
                  exclude_from_weight_decay: Sequence[str] | str | None = None,
                  state_dtype: str | None = "float32", param_update: str = "nearest",
-                 seed: int = 0, min_8bit_size: int = 4096):
+                 seed: int = 0, min_8bit_size: int = 4096, state_rounding: str = "nearest"):
         for value, name in ((clipnorm, "clipnorm"), (clipvalue, "clipvalue"),
                             (global_clipnorm, "global_clipnorm")):
             if value is not None:
@@ -278,6 +279,10 @@ class Options:
         if state_dtype is not None:
             check_choice(state_dtype, "state_dtype", STATE_DTYPES)
         check_choice(param_update, "param_update", PARAM_UPDATES)
+        check_choice(state_rounding, "state_rounding", STATE_ROUNDINGS)
+        if state_rounding == "stochastic" and state_dtype != "8bit":
+            raise ValueError(f"state_rounding='stochastic' rounds 8-bit state codes: it needs "
+                             f"state_dtype='8bit' (got state_dtype={state_dtype!r})")
         _check_count(min_8bit_size, "min_8bit_size", 0, allow_none=False)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**31:
             raise ValueError(f"Invalid seed: {seed!r} (expected an int in [0, 2**31))")
@@ -296,6 +301,7 @@ class Options:
             else list(exclude_from_weight_decay)
         self.state_dtype = state_dtype
         self.param_update = param_update
+        self.state_rounding = state_rounding
         self.seed = int(seed)
         #: Tensors with fewer elements keep float32 state when state_dtype is "8bit".
         self.min_8bit_size = int(min_8bit_size)
@@ -310,7 +316,12 @@ class Options:
         return (self.clipnorm is None and self.clipvalue is None and self.global_clipnorm is None
                 and self.loss_scale_factor is None and self.gradient_accumulation_steps == 1
                 and not self.use_ema and not self.skip_nonfinite and not self.has_masks
-                and self.param_update == "nearest")
+                and not self.uses_seed)
+
+    @property
+    def uses_seed(self) -> bool:
+        """Whether some rounding is stochastic, keyed by the seed."""
+        return self.param_update == "stochastic" or self.state_rounding == "stochastic"
 
 
 #: The Options keywords: set for the whole optimizer, never per param group.
@@ -791,8 +802,10 @@ class Engine:
                 static[key] = name
         if update != "nearest":
             static["param_update"] = update
-            if update == "stochastic":
-                static["stream_ids"] = [m.flat for m in batch.members]
+        if sdtype == "8bit" and self.options.state_rounding != "nearest":
+            static["state_rounding"] = self.options.state_rounding
+        if update == "stochastic" or "state_rounding" in static:
+            static["stream_ids"] = [m.flat for m in batch.members]
         batch.static = static
 
     def _alive(self, plan: _Plan, groups: list[dict], state: Any) -> bool:
@@ -859,7 +872,7 @@ class Engine:
             d["lr"] = lrs[batch.gi]
             d[key_name] = batch.key
             d["grad_scale"] = grad_scale
-            if batch.dtypes[3] == "stochastic":
+            if "stream_ids" in d:
                 d["seed"] = opts.seed
                 d["rounding_step"] = batch.key if rule.counts_steps else self.iterations + 1
             if not batch.decays:
@@ -997,7 +1010,7 @@ class Engine:
                  "accumulated_calls": self.accumulated_calls}
         if isinstance(self.options.loss_scale_factor, DynamicLossScale):
             extra["loss_scale"] = self.options.loss_scale_factor.state_dict()
-        if self.options.param_update == "stochastic":
+        if self.options.uses_seed:
             # With the step counts, the seed is the whole position of the rounding stream.
             extra["seed"] = self.options.seed
         return extra
