@@ -14,9 +14,10 @@ yardstick for "as good as float32".
 default lr always runs first: it is the yardstick). --curve adds the loss at each quarter of the
 run. --probe follows every float32-param row with float32 moments fed the same grads (a shadow
 AdamW on the row's own trajectory) and reports, over the last quarter of the steps, how the
-row's stored exp_avg_sq and its actual step compare with the shadow's. The row
-model-8bit-stochastic-v (run only when named) is a NumPy model, not a cpuadam option: 8-bit
-moments whose exp_avg_sq codes are rounded stochastically instead of to the nearest code.
+row's stored exp_avg_sq and its actual step compare with the shadow's. The rows 8bit-sr and
+bf16-8bit-sr use state_rounding="stochastic" (every 8-bit code rounded stochastically). The row
+model-8bit-stochastic-v (run only when named) is a NumPy model: 8-bit moments whose exp_avg_sq
+codes alone are rounded stochastically instead of to the nearest code.
 """
 
 from __future__ import annotations
@@ -135,6 +136,11 @@ EIGHT_BIT = [
     Mode("8bit", "fp32 params, 8-bit moments", torch.float32, {"state_dtype": "8bit", "min_8bit_size": 1}),
     Mode("bf16-8bit-stochastic", "bf16 params, 8-bit moments, stochastic", torch.bfloat16,
          {"state_dtype": "8bit", "param_update": "stochastic", "min_8bit_size": 1}),
+    Mode("8bit-sr", "fp32 params, 8-bit moments with stochastic codes", torch.float32,
+         {"state_dtype": "8bit", "state_rounding": "stochastic", "min_8bit_size": 1}),
+    Mode("bf16-8bit-sr", "bf16 params, 8-bit moments with stochastic codes, stochastic", torch.bfloat16,
+         {"state_dtype": "8bit", "state_rounding": "stochastic", "param_update": "stochastic",
+          "min_8bit_size": 1}),
 ]
 MODELS = [
     Mode("model-8bit-stochastic-v", "model: 8-bit moments, exp_avg_sq codes rounded stochastically",

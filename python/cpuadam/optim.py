@@ -293,7 +293,11 @@ _OPTIONS = """
             (round to nearest even), "stochastic" (stochastic rounding keyed by
             ``seed``, the step and the element), "kahan" (a compensation buffer)
             or "master" (a float32 master copy in the state).
-        seed: int in [0, 2**31) for "stochastic".
+        state_rounding: how 8-bit state codes are chosen (state_dtype="8bit"
+            only): "nearest" (default, the published scheme) or "stochastic"
+            (one of the two codes around the value, unbiased, keyed by
+            ``seed``, the step, the element and the state).
+        seed: int in [0, 2**31) for "stochastic" rounding.
         weight_decay_mask: callable(name, param) -> bool, or one bool per
             param: False excludes that param from weight decay.
         exclude_from_weight_decay: patterns searched in param names, as

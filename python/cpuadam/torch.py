@@ -563,9 +563,10 @@ class Adam(_AdamBase):
             global_clipnorm, loss_scale_factor, gradient_accumulation_steps,
             use_ema, ema_momentum, ema_overwrite_frequency, skip_nonfinite,
             weight_decay_mask, exclude_from_weight_decay, state_dtype,
-            param_update, seed); ``lr`` may also be a schedule (a callable
-            of the step, e.g. from cpuadam.schedules). state_dtype defaults to
-            the param's dtype, as torch.optim keeps its moments.
+            param_update, state_rounding, seed, min_8bit_size); ``lr`` may
+            also be a schedule (a callable of the step, e.g. from
+            cpuadam.schedules). state_dtype defaults to the param's dtype, as
+            torch.optim keeps its moments.
 
     Example:
         >>> import torch
