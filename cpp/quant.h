@@ -41,15 +41,22 @@
 // of the two map values around it, lo <= x < hi, the upper one when
 // u * (hi - lo) < x - lo for u = (random >> 8) * 2^-24 in [0, 1) from 32 random
 // bits per element, so that the expected stored value is x. A map value keeps
-// its code (x - lo = 0); NaN keeps its nearest code. lo and hi come from the
-// nearest code and its neighbour on x's side, decoded by the closed form.
+// its code (x - lo = 0); NaN keeps its nearest code. x below the map's lowest
+// value (x = -1, a block whose largest magnitude is negative, under the signed
+// map's -0.99297) takes the lowest code, as with nearest rounding: the one
+// place the stored value is biased (towards 0). lo and hi come from the nearest
+// code and its neighbour on x's side, decoded by the closed form.
 //
 // x = value / absmax is the float32 quotient, computed without a division
 // (the kernels' divider is already busy with the update): q = value * r with
 // r = 1/absmax, then q + (value - q*absmax) * r, both fused, which rounds like
 // the division (Markstein's correction step). Blocks with an absmax below
 // 2^-60 or above 2^60 are scaled by a power of two first, so no intermediate
-// leaves the normal range where it matters.
+// leaves the normal range where it matters. A block holding an infinite value
+// (absmax = inf) takes x = value / inf = 0 for its finite values and x = +-1
+// for its infinities, one element at a time at every level (the fused form
+// would give NaN for every element, and inf / inf a NaN whose sign differs
+// between CPUs).
 //
 // Included inside a per-level namespace (kernel_isa.cpp) and in bindings.cpp;
 // needs convert.h's float_bits when used from the kernels.
@@ -340,12 +347,13 @@ inline float quantize_block(const float* __restrict v, uint8_t* __restrict codes
   const float pre = quotient_prescale(absmax);
   const float scale = absmax > 0.f ? absmax * pre : 1.f;  // 0 / 1 = 0: the code of 0
   const float r = 1.f / scale;
+  const bool finite = absmax <= 0x1.fffffep127f;
   int64_t i = 0;
 #if defined(__AVX2__)
   // Pass 1: x and its bucket, 8 lanes at a time.
   alignas(32) int32_t xs[kQuantBlock];
   alignas(32) int32_t entries[kQuantBlock];
-  const int64_t n16 = n & ~int64_t{15};
+  const int64_t n16 = finite ? n & ~int64_t{15} : 0;
   const __m256 vscale = _mm256_set1_ps(scale), vr = _mm256_set1_ps(r), vpre = _mm256_set1_ps(pre);
   const __m256i sign_mask = _mm256_set1_epi32(0x7FFFFFFF), low16 = _mm256_set1_epi32(0xFFFF);
   const __m256i low = _mm256_set1_epi32(kBucketLow), high = _mm256_set1_epi32(kBucketHigh);
@@ -398,7 +406,8 @@ inline float quantize_block(const float* __restrict v, uint8_t* __restrict codes
   }
 #endif
   for (; i < n; ++i) {
-    const float x = quotient(v[i] * pre, scale, r);
+    const float x = finite ? quotient(v[i] * pre, scale, r)
+                  : std::isinf(v[i]) ? std::copysign(1.f, v[i]) : v[i] * pre / scale;
     const uint8_t q = nearest_code(x, t);
     codes[i] = random != nullptr ? stochastic_code(x, q, random[i], t) : q;
   }

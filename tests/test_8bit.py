@@ -273,6 +273,7 @@ for name in ("signed", "unsigned"):
     c, a = _core.quantize_blockwise(d["adv_" + name], name)
     adv[name + "_codes"], adv[name + "_absmax"] = c, a
     adv[name + "_back"] = _core.dequantize_blockwise(c, a, name)
+    adv[name + "_inf_codes"], adv[name + "_inf_absmax"] = _core.quantize_blockwise(d["infs"], name)
 np.savez(sys.argv[2], codes=b[0], absmax=ba[0], param=q[0], **adv)
 """
 
@@ -281,10 +282,14 @@ def test_every_level_quantizes_alike(tmp_path, rng):
     n = 50 * QUANT_BLOCK + 9
     state = State8(rng, [n], ["exp_avg", "exp_avg_sq"])
     adv = {name: adversarial(rng, dynamic_map(name == "signed"))[0] for name in ("signed", "unsigned")}
+    # Infinite values: their blocks' finite values take the code of 0 and +-inf the
+    # code of +-1 (the lowest code for -inf), the same at every level.
+    infs = np.abs(log_spread(rng, 3 * QUANT_BLOCK + 40))
+    infs[5], infs[300], infs[3 * QUANT_BLOCK + 7] = np.inf, -np.inf, np.inf
     np.savez(tmp_path / "in.npz", m_codes=state.codes["exp_avg"][0], m_absmax=state.absmax["exp_avg"][0],
              v_codes=state.codes["exp_avg_sq"][0], v_absmax=state.absmax["exp_avg_sq"][0],
              param=log_spread(rng, n, -2, 0), grad=log_spread(rng, n, -8, 2),
-             adv_signed=adv["signed"], adv_unsigned=adv["unsigned"])
+             adv_signed=adv["signed"], adv_unsigned=adv["unsigned"], infs=infs)
     outputs = {}
     for level in supported_levels():
         proc = subprocess.run([sys.executable, "-c", LEVEL_CHILD, str(tmp_path / "in.npz"),
@@ -306,6 +311,14 @@ def test_every_level_quantizes_alike(tmp_path, rng):
             np.testing.assert_array_equal(got[name + "_absmax"], want_absmax, err_msg=f"{name} absmax: {level}")
             np.testing.assert_array_equal(got[name + "_back"], dequantize_blockwise(want_codes, want_absmax, qmap),
                                           err_msg=f"{name} decode: {level}")
+            with np.errstate(invalid="ignore"):  # inf / inf, overwritten below
+                want_codes, want_absmax = quantize_blockwise(infs, qmap)
+            zero = int(np.flatnonzero(qmap == 0)[0])
+            for b in (0, 1, 3):
+                want_codes[b * QUANT_BLOCK:(b + 1) * QUANT_BLOCK] = zero
+            want_codes[[5, 300, 3 * QUANT_BLOCK + 7]] = [255, 0, 255]
+            np.testing.assert_array_equal(got[name + "_inf_codes"], want_codes, err_msg=f"{name} infs: {level}")
+            np.testing.assert_array_equal(got[name + "_inf_absmax"], want_absmax, err_msg=f"{name} infs: {level}")
 
 
 # --- rejections ----------------------------------------------------------------------------------

@@ -21,8 +21,10 @@ class _Batch(TypedDict, total=False):
     group: int
     indices: Sequence[int]
     # Element types: "float32" (default), "bfloat16" (uint16/int16 bits or
-    # ml_dtypes.bfloat16 arrays) or "float16"; state_dtype: "float32" or "bfloat16".
-    # grad_accums, emas and masters are float32 whatever these say.
+    # ml_dtypes.bfloat16 arrays) or "float16"; state_dtype: "float32", "bfloat16",
+    # "float16" or "8bit" (uint8 codes with one float32 absmax per 256 elements in
+    # the <state>_absmaxs lists). grad_accums, emas and masters are float32 whatever
+    # these say.
     param_dtype: str
     grad_dtype: str
     state_dtype: str
@@ -30,6 +32,9 @@ class _Batch(TypedDict, total=False):
     # "stochastic" (seed, rounding_step, stream_ids), "kahan" (kahan_comps, in
     # param_dtype) or "master" (masters). Ignored for float32 params.
     param_update: str
+    # How new 8-bit state codes are chosen (state_dtype "8bit" only): "nearest"
+    # (default) or "stochastic" (seed, rounding_step, stream_ids).
+    state_rounding: str
     masters: Sequence[np.ndarray]
     kahan_comps: Sequence[np.ndarray]
     seed: int  # in [0, 2**31)
@@ -40,6 +45,9 @@ class _AdamBatch(_Batch, total=False):
     exp_avgs: Sequence[np.ndarray]
     exp_avg_sqs: Sequence[np.ndarray]
     max_exp_avg_sqs: Sequence[np.ndarray]
+    exp_avg_absmaxs: Sequence[np.ndarray]  # state_dtype "8bit"
+    exp_avg_sq_absmaxs: Sequence[np.ndarray]
+    max_exp_avg_sq_absmaxs: Sequence[np.ndarray]
     step: int
     beta1: float
     beta2: float
@@ -52,6 +60,7 @@ class _AdamBatch(_Batch, total=False):
 
 class _SgdBatch(_Batch, total=False):
     momentum_buffers: Sequence[np.ndarray]
+    momentum_buffer_absmaxs: Sequence[np.ndarray]  # state_dtype "8bit"
     momentum: float
     dampening: float
     nesterov: bool

@@ -368,7 +368,7 @@ class AdamW(_AdamBase):
 
 
 class SGD(_FusedOptimizer):
-    """SGD with momentum, dampening and Nesterov momentum (torch.optim.SGD's math), in place.
+    __doc__ = """SGD with momentum, dampening and Nesterov momentum (torch.optim.SGD's math), in place.
 
     Per element, with b the momentum buffer::
 
