@@ -221,9 +221,14 @@ def test_sgd_momentum_8bit_is_the_float32_step_then_quantized(nesterov, rng):
         np.testing.assert_array_equal(st.absmax["momentum_buffer"][i], absmax)
 
 
-def test_the_same_bits_for_any_thread_count(rng):
-    """Blocks straddling the even split of the range between threads are never cut."""
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_the_same_bits_for_any_thread_count(rounding, rng):
+    """Blocks straddling the even split of the range between threads are never cut; with
+    stochastic codes (test_8bit_stochastic.py) each element draws the same bits whatever
+    thread steps it."""
     sizes = [3, 1000, 2 * QUANT_BLOCK + 1, 40_000, 17, 70_001]
+    keyed = {} if rounding == "nearest" else dict(state_rounding="stochastic", seed=7, rounding_step=2,
+                                                  stream_ids=list(range(len(sizes))))
     state = State8(rng, sizes, ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"])
     params = [log_spread(rng, n, -2, 0) for n in sizes]
     grads = [log_spread(rng, n, -5, -1) for n in sizes]
@@ -232,7 +237,8 @@ def test_the_same_bits_for_any_thread_count(rng):
     try:
         for threads in (1, 2, 3):
             _core.set_num_threads(threads)
-            results.append(eight_bit_step(_core.adam_step, params, grads, state, step=2, amsgrad=True, **ADAMW))
+            results.append(eight_bit_step(_core.adam_step, params, grads, state, step=2, amsgrad=True, **ADAMW,
+                                          **keyed))
     finally:
         _core.set_num_threads(before)
     for got_params, st in results[1:]:

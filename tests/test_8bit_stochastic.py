@@ -201,27 +201,7 @@ def test_each_state_step_and_seed_draws_its_own_bits(rng):
     assert abs(np.corrcoef(bits_m.astype(np.float64), bits_v.astype(np.float64))[0, 1]) < 0.02
 
 
-# --- threads and levels ----------------------------------------------------------------------
-
-def test_the_same_bits_for_any_thread_count(rng):
-    sizes = [3, 1000, 2 * QUANT_BLOCK + 1, 40_000, 17, 70_001]
-    state = State8(rng, sizes, ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"])
-    params = [log_spread(rng, n, -2, 0) for n in sizes]
-    grads = [log_spread(rng, n, -5, -1) for n in sizes]
-    results = []
-    before = _core.get_num_threads()
-    try:
-        for threads in (1, 2, 3):
-            _core.set_num_threads(threads)
-            results.append(eight_bit_step(_core.adam_step, params, grads, state, step=2, amsgrad=True,
-                                          **ADAMW, **keyed(7, 2, list(range(len(sizes))))))
-    finally:
-        _core.set_num_threads(before)
-    for got_params, st in results[1:]:
-        for p, q in zip(got_params, results[0][0]):
-            np.testing.assert_array_equal(p.view(np.uint32), q.view(np.uint32))
-        assert_state(st, {k: list(zip(results[0][1].codes[k], results[0][1].absmax[k])) for k in st.keys})
-
+# --- levels (threads: test_8bit.py) ---------------------------------------------------------
 
 LEVEL_CHILD = r"""
 import sys
