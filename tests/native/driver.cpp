@@ -24,7 +24,8 @@ namespace {
 
 using namespace cpuadam;
 
-// Sizes around every vector width, one large enough to split between threads.
+// Sizes around every vector width (for 8-bit states: short and partial blocks),
+// one large enough to split between threads.
 const std::vector<int64_t> kSizes = {1, 3, 7, 8, 15, 17, 31, 33, 63, 65, 1000, 40009};
 
 uint64_t fnv1a(uint64_t h, const std::vector<float>& v) {
@@ -147,17 +148,67 @@ uint64_t run_sgd(const KernelTable& table, int num_threads) {
   return b.hash();
 }
 
+// 8-bit states (block-wise codes, one absmax per 256): AdamW with amsgrad, 10
+// steps from fresh states, with nearest codes, then again with stochastic codes.
+uint64_t run_adam_8bit(const KernelTable& table, int num_threads) {
+  uint64_t h = 14695981039346656037ULL;
+  for (int rounding = 0; rounding < 2; ++rounding) {
+    Buffers b(5);
+    Lcg rng{6};
+    std::vector<std::vector<uint8_t>> codes;
+    std::vector<std::vector<float>> absmax;
+    for (size_t t = 0; t < kSizes.size(); ++t) {
+      const int64_t n = kSizes[t], blocks = (n + 255) / 256;
+      void* TensorSpan::*state[3] = {&TensorSpan::exp_avg, &TensorSpan::exp_avg_sq, &TensorSpan::max_exp_avg_sq};
+      void* TensorSpan::*scale[3] = {&TensorSpan::exp_avg_absmax, &TensorSpan::exp_avg_sq_absmax,
+                                     &TensorSpan::max_exp_avg_sq_absmax};
+      for (int k = 0; k < 3; ++k) {
+        codes.emplace_back(static_cast<size_t>(n), uint8_t{0});
+        absmax.emplace_back(static_cast<size_t>(blocks), 0.f);
+      }
+      for (int k = 0; k < 3; ++k) {
+        b.spans[t].*state[k] = codes[codes.size() - 3 + k].data();
+        b.spans[t].*scale[k] = absmax[absmax.size() - 3 + k].data();
+      }
+      b.spans[t].rounding_key = 0x0123456789ABCDEFull * (t + 1);
+    }
+    for (int64_t step = 1; step <= 10; ++step) {
+      b.fill_grads(rng);
+      AdamHyper hyper;
+      hyper.lr = 1e-2;
+      hyper.weight_decay = 0.02;
+      hyper.step = step;
+      hyper.decoupled = true;
+      hyper.eps = 1e-8;
+      StepArgs a = args_for(b, num_threads);
+      adam_scalars(hyper, a.scalars);
+      a.decay = adam_decay_mode(hyper);
+      a.amsgrad = Amsgrad::On;
+      a.state_dtype = DType::Blockwise8;
+      a.state_rounding = rounding == 0 ? StateRounding::Nearest : StateRounding::Stochastic;
+      if (!table.adam_step(a)) return 0;
+    }
+    for (const auto& v : b.param) h = fnv1a(h, v);
+    for (const auto& c : codes)
+      for (uint8_t x : c) h = (h ^ x) * 1099511628211ULL;
+    for (const auto& v : absmax) h = fnv1a(h, v);
+  }
+  return h;
+}
+
 }  // namespace
 
 int main() {
   const KernelTable table = cpuadam::CPUADAM_DRIVER_LEVEL::kernel_table();
   const uint64_t adam1 = run_adam(table, 1), adam2 = run_adam(table, 2);
   const uint64_t sgd1 = run_sgd(table, 1), sgd2 = run_sgd(table, 2);
-  if (adam1 != adam2 || sgd1 != sgd2) {
+  const uint64_t q1 = run_adam_8bit(table, 1), q2 = run_adam_8bit(table, 2);
+  if (adam1 != adam2 || sgd1 != sgd2 || q1 != q2) {
     std::printf("level %s: results differ between 1 and 2 threads\n", table.level);
     return 1;
   }
-  std::printf("level %s adam %016llx sgd %016llx\n", table.level,
-              static_cast<unsigned long long>(adam1), static_cast<unsigned long long>(sgd1));
+  std::printf("level %s adam %016llx sgd %016llx adam-8bit %016llx\n", table.level,
+              static_cast<unsigned long long>(adam1), static_cast<unsigned long long>(sgd1),
+              static_cast<unsigned long long>(q1));
   return 0;
 }
