@@ -14,8 +14,9 @@ yardstick for "as good as float32".
 default lr always runs first: it is the yardstick). --curve adds the loss at each quarter of the
 run. --probe follows every float32-param row with float32 moments fed the same grads (a shadow
 AdamW on the row's own trajectory) and reports, over the last quarter of the steps, how the
-row's stored exp_avg_sq and its actual step compare with the shadow's. The rows 8bit-sr and
-bf16-8bit-sr use state_rounding="stochastic" (every 8-bit code rounded stochastically). The row
+row's stored exp_avg_sq and its actual step compare with the shadow's. The rows bf16-sr,
+8bit-sr and bf16-8bit-sr use state_rounding="stochastic" (every bfloat16 moment or 8-bit code
+rounded stochastically). The row
 model-8bit-stochastic-v (run only when named) is a NumPy model: 8-bit moments whose exp_avg_sq
 codes alone are rounded stochastically instead of to the nearest code.
 """
@@ -125,6 +126,8 @@ MODES = [
     Mode("bf16-fp32m", "bf16 params, fp32 moments, nearest", torch.bfloat16, {"state_dtype": "float32"}),
     Mode("bf16-stochastic", "bf16 params, bf16 moments, stochastic", torch.bfloat16,
          {"state_dtype": "bfloat16", "param_update": "stochastic"}),
+    Mode("bf16-sr", "bf16 params, bf16 moments, both rounded stochastically", torch.bfloat16,
+         {"state_dtype": "bfloat16", "param_update": "stochastic", "state_rounding": "stochastic"}),
     Mode("bf16-kahan", "bf16 params, bf16 moments, kahan", torch.bfloat16,
          {"state_dtype": "bfloat16", "param_update": "kahan"}),
     Mode("bf16-master", "bf16 params, bf16 moments, master", torch.bfloat16,

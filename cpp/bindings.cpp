@@ -626,9 +626,9 @@ Batch make_batch(const py::dict& d, Optim optim) {
   if (a.param_update == ParamUpdate::Kahan)
     lists.push_back({"kahan_comps", "kahan_comp", &TensorSpan::kahan_comp, a.param_dtype});
   a.state_rounding = parse_state_rounding(get_or<std::string>(d, "state_rounding", "nearest"), in_group);
-  if (a.state_rounding == StateRounding::Stochastic && a.state_dtype != DType::Blockwise8)
+  if (a.state_rounding == StateRounding::Stochastic && a.state_dtype == DType::Float32)
     throw py::value_error("invalid state_rounding" + in_group +
-                          ": 'stochastic' rounds 8-bit states (state_dtype is not '8bit')");
+                          ": 'stochastic' rounds 8-bit, bfloat16 and float16 states (state_dtype is 'float32')");
   const bool keyed = a.param_update == ParamUpdate::Stochastic || a.state_rounding == StateRounding::Stochastic;
   int64_t seed = 0, rounding_step = 0;
   std::vector<int64_t> stream_ids;

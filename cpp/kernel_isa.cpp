@@ -331,12 +331,15 @@ void run_param(const StepArgs& a, RangeFn fn, int64_t state_size) {
   }
 }
 
-// --- 8-bit block-wise states (quant.h) ---------------------------------------------------
+// --- 8-bit block-wise states (quant.h), and 16-bit states rounded stochastically ----------
 // Each block of kQuantBlock elements is one tile: its codes are dequantized into
 // float32 tiles, the float32 arithmetic (the same RangeFn as float32 states)
 // steps the param from those exact values, and the new float32 moments are
 // quantized back. Threads take whole blocks, so a block is never split and the
-// bits do not depend on the thread count.
+// bits do not depend on the thread count. bfloat16/float16 states under
+// StateRounding::Stochastic take the same road: loaded into the tiles, stepped
+// in float32, stored by stochastic rounding (S, the stored state type: uint8_t
+// codes, BFloat16 or Float16).
 
 struct QuantTiles {
   alignas(64) float exp_avg[kQuantBlock];
@@ -359,36 +362,38 @@ inline void fill_rounding_bits(uint32_t* out, int64_t n, uint32_t index0, uint32
 }
 
 // Blocks [block0, block0 + nblocks) of one tensor.
-template <typename P, ParamUpdate kUpdate, typename G>
-void run_blocks_8bit(const TensorSpan& s, int64_t block0, int64_t nblocks, RangeFn fn,
-                     const StepScalars& sc, StateRounding rounding) {
+template <typename S, typename P, ParamUpdate kUpdate, typename G>
+void run_blocks_tiled(const TensorSpan& s, int64_t block0, int64_t nblocks, RangeFn fn,
+                      const StepScalars& sc, StateRounding rounding) {
+  constexpr bool kCodes = std::is_same_v<S, uint8_t>;
   constexpr bool kTiledParam = !std::is_same_v<P, float>;
   constexpr bool kTiledGrad = std::is_same_v<G, Float16>;
   const QuantTable& signed_map = signed_table();
   const QuantTable& unsigned_map = unsigned_table();
   QuantTiles t;
-  // A state in flight: its codes, its absmax and the float32 tile it is stepped in.
+  // A state in flight: its codes (or 16-bit values), its absmax (codes only) and
+  // the float32 tile it is stepped in.
   struct Moment {
-    uint8_t* codes;
+    S* codes;
     float* absmax;
     float* tile;
     const QuantTable* map;
     uint64_t key;  // StateRounding::Stochastic: this state's own rounding key
   };
-  // Each state's stochastic codes get a key of their own, apart from the param's
+  // Each state's stochastic rounding gets a key of its own, apart from the param's
   // (kStateKeyTag times 1, 2, 3 mixed into the tensor's key).
   constexpr uint64_t kStateKeyTag = 0x9E3779B97F4A7C15ull;
   const auto state_key = [&](uint64_t which) { return s.rounding_key ^ (kStateKeyTag * which); };
   Moment moments[3];
   int num_moments = 0;
   if (s.exp_avg != nullptr)
-    moments[num_moments++] = {static_cast<uint8_t*>(s.exp_avg), static_cast<float*>(s.exp_avg_absmax), t.exp_avg,
+    moments[num_moments++] = {static_cast<S*>(s.exp_avg), static_cast<float*>(s.exp_avg_absmax), t.exp_avg,
                               &signed_map, state_key(1)};
   if (s.exp_avg_sq != nullptr)
-    moments[num_moments++] = {static_cast<uint8_t*>(s.exp_avg_sq), static_cast<float*>(s.exp_avg_sq_absmax), t.exp_avg_sq,
+    moments[num_moments++] = {static_cast<S*>(s.exp_avg_sq), static_cast<float*>(s.exp_avg_sq_absmax), t.exp_avg_sq,
                               &unsigned_map, state_key(2)};
   if (s.max_exp_avg_sq != nullptr)
-    moments[num_moments++] = {static_cast<uint8_t*>(s.max_exp_avg_sq),
+    moments[num_moments++] = {static_cast<S*>(s.max_exp_avg_sq),
                               static_cast<float*>(s.max_exp_avg_sq_absmax),
                               t.max_exp_avg_sq, &unsigned_map, state_key(3)};
   const bool stochastic = rounding == StateRounding::Stochastic;
@@ -396,8 +401,13 @@ void run_blocks_8bit(const TensorSpan& s, int64_t block0, int64_t nblocks, Range
   for (int64_t b = block0; b < block0 + nblocks; ++b) {
     const int64_t i0 = b * kQuantBlock;
     const int64_t n = s.numel - i0 < kQuantBlock ? s.numel - i0 : kQuantBlock;
-    for (int k = 0; k < num_moments; ++k)
-      dequantize_block(moments[k].codes + i0, moments[k].absmax[b], moments[k].tile, n, *moments[k].map);
+    for (int k = 0; k < num_moments; ++k) {
+      if constexpr (kCodes)
+        dequantize_block(moments[k].codes + i0, moments[k].absmax[b], moments[k].tile, n, *moments[k].map);
+      else
+        load_param_tile<ParamUpdate::Nearest>(moments[k].codes + i0, static_cast<const S*>(nullptr),
+                                              moments[k].tile, n);
+    }
     RunPtrs r{at<float>(s.param, i0), 0, 0, 0, nullptr, at<G>(s.grad, i0),
               s.exp_avg != nullptr ? t.exp_avg : nullptr,
               s.exp_avg_sq != nullptr ? t.exp_avg_sq : nullptr,
@@ -419,19 +429,22 @@ void run_blocks_8bit(const TensorSpan& s, int64_t block0, int64_t nblocks, Range
     // Blocks never cross a multiple of 2^32 (a multiple of kQuantBlock).
     if constexpr (kTiledParam) store_param_run<kUpdate, P>(static_cast<float*>(r.param), s, i0, n);
     for (int k = 0; k < num_moments; ++k) {
-      if (stochastic) {
-        RunPtrs keys{};
-        rounding_keys(moments[k].key, i0, keys);
-        fill_rounding_bits(random, n, keys.index0, keys.key0, keys.key1);
+      RunPtrs keys{};
+      rounding_keys(moments[k].key, i0, keys);
+      if constexpr (kCodes) {
+        if (stochastic) fill_rounding_bits(random, n, keys.index0, keys.key0, keys.key1);
+        moments[k].absmax[b] = quantize_block(moments[k].tile, moments[k].codes + i0, n, *moments[k].map,
+                                              stochastic ? random : nullptr);
+      } else {
+        store_param_tile<ParamUpdate::Stochastic>(moments[k].tile, moments[k].codes + i0, static_cast<S*>(nullptr),
+                                                  n, keys.index0, keys.key0, keys.key1);
       }
-      moments[k].absmax[b] = quantize_block(moments[k].tile, moments[k].codes + i0, n, *moments[k].map,
-                                            stochastic ? random : nullptr);
     }
   }
 }
 
-template <typename P, ParamUpdate kUpdate, typename G>
-void run_all_8bit(const StepArgs& a, RangeFn fn) {
+template <typename S, typename P, ParamUpdate kUpdate, typename G>
+void run_all_tiled(const StepArgs& a, RangeFn fn) {
   // The concatenated range of blocks, split between threads.
   std::vector<int64_t> block_offsets(static_cast<size_t>(a.num_tensors) + 1, 0);
   for (int64_t t = 0; t < a.num_tensors; ++t)
@@ -443,22 +456,22 @@ void run_all_8bit(const StepArgs& a, RangeFn fn) {
     const int64_t per = (total + team - 1) / team;
     Slice sl{per * me < total ? per * me : total, per * (me + 1) < total ? per * (me + 1) : total};
     for_each_piece(block_offsets.data(), a.num_tensors, sl, [&](int64_t t, int64_t first, int64_t count) {
-      run_blocks_8bit<P, kUpdate, G>(a.tensors[t], first, count, fn, a.scalars, a.state_rounding);
+      run_blocks_tiled<S, P, kUpdate, G>(a.tensors[t], first, count, fn, a.scalars, a.state_rounding);
     });
   };
   parallel_for_threads(num_threads, slice);
 }
 
-template <typename P, typename G>
-void run_update_8bit(const StepArgs& a, RangeFn fn) {
+template <typename S, typename P, typename G>
+void run_update_tiled(const StepArgs& a, RangeFn fn) {
   if constexpr (std::is_same_v<P, float>) {
-    run_all_8bit<P, ParamUpdate::Nearest, G>(a, fn);
+    run_all_tiled<S, P, ParamUpdate::Nearest, G>(a, fn);
   } else {
     switch (a.param_update) {
-      case ParamUpdate::Nearest: return run_all_8bit<P, ParamUpdate::Nearest, G>(a, fn);
-      case ParamUpdate::Stochastic: return run_all_8bit<P, ParamUpdate::Stochastic, G>(a, fn);
-      case ParamUpdate::Kahan: return run_all_8bit<P, ParamUpdate::Kahan, G>(a, fn);
-      case ParamUpdate::Master: return run_all_8bit<P, ParamUpdate::Master, G>(a, fn);
+      case ParamUpdate::Nearest: return run_all_tiled<S, P, ParamUpdate::Nearest, G>(a, fn);
+      case ParamUpdate::Stochastic: return run_all_tiled<S, P, ParamUpdate::Stochastic, G>(a, fn);
+      case ParamUpdate::Kahan: return run_all_tiled<S, P, ParamUpdate::Kahan, G>(a, fn);
+      case ParamUpdate::Master: return run_all_tiled<S, P, ParamUpdate::Master, G>(a, fn);
     }
   }
 }
@@ -468,15 +481,15 @@ struct TypeTag {
   using type = T;
 };
 
-// The float32-state arithmetic (S = float) run on the dequantized tiles.
-template <template <typename, typename, typename> class Pick>
-bool step_8bit(const StepArgs& a) {
+// The float32-state arithmetic (S = float) run on the tiles of the states.
+template <template <typename, typename, typename> class Pick, typename S>
+bool step_tiled(const StepArgs& a) {
   auto by_param = [&](auto grad_type, RangeFn fn) {
     using G = typename decltype(grad_type)::type;
     switch (a.param_dtype) {
-      case DType::Float32: return run_update_8bit<float, G>(a, fn);
-      case DType::BFloat16: return run_update_8bit<BFloat16, G>(a, fn);
-      case DType::Float16: return run_update_8bit<Float16, G>(a, fn);
+      case DType::Float32: return run_update_tiled<S, float, G>(a, fn);
+      case DType::BFloat16: return run_update_tiled<S, BFloat16, G>(a, fn);
+      case DType::Float16: return run_update_tiled<S, Float16, G>(a, fn);
       case DType::Blockwise8: return;
     }
   };
@@ -523,7 +536,11 @@ bool step_direct(const StepArgs& a) {
 // float32 tile (the level's F16C conversion), so fn is picked for G = float.
 template <template <typename, typename, typename> class Pick>
 bool step(const StepArgs& a) {
-  if (a.state_dtype == DType::Blockwise8) return step_8bit<Pick>(a);
+  if (a.state_dtype == DType::Blockwise8) return step_tiled<Pick, uint8_t>(a);
+  if (a.state_rounding == StateRounding::Stochastic) {
+    if (a.state_dtype == DType::BFloat16) return step_tiled<Pick, BFloat16>(a);
+    if (a.state_dtype == DType::Float16) return step_tiled<Pick, Float16>(a);
+  }
   if (step_direct<Pick>(a)) return true;
   if (a.state_dtype == DType::Float16) {
     // float16 moments (a float16 model as torch.optim keeps it): float32 grads, or

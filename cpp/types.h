@@ -37,8 +37,9 @@ enum class Ema : int { Off = 0, On = 1 };
 // and rounded into the param.
 enum class ParamUpdate : int { Nearest = 0, Stochastic = 1, Kahan = 2, Master = 3 };
 
-// How new 8-bit state codes are chosen (quant.h): the nearest code, or one of
-// the two around the value by a counter-based hash (unbiased).
+// How new 8-bit codes (quant.h) and bfloat16/float16 state values are chosen:
+// the nearest, or one of the two around the value by a counter-based hash
+// (unbiased).
 enum class StateRounding : int { Nearest = 0, Stochastic = 1 };
 
 // SGD's momentum buffer: none, or the first step (buffer = d_p), or later steps.
@@ -111,7 +112,7 @@ struct StepArgs {
   DType grad_dtype = DType::Float32;
   DType state_dtype = DType::Float32;
   ParamUpdate param_update = ParamUpdate::Nearest;
-  StateRounding state_rounding = StateRounding::Nearest;  // DType::Blockwise8 states only
+  StateRounding state_rounding = StateRounding::Nearest;  // 8-bit and 16-bit states
   int num_threads = 1;
 };
 

@@ -1,12 +1,14 @@
 # SPDX-License-Identifier: MIT
-"""state_rounding="stochastic": 8-bit state codes rounded stochastically.
+"""state_rounding="stochastic": 8-bit state codes (and bfloat16/float16 states) rounded
+stochastically.
 
 The rule (quant.h): x = value / absmax goes to one of the two map values around it,
 lo <= x < hi, the upper one when u * (hi - lo) < x - lo, u = (bits >> 8) * 2^-24, bits
 the counter-based hash of the element's index under its state's key. The reference below
 is that rule in NumPy, from the float64 reference quantizer's nearest code; the moments
 come from the float32 step on the dequantized state (test_8bit's twin step), so the
-stored codes are checked bit for bit.
+stored codes are checked bit for bit. bfloat16/float16 states take the stochastic rounding of
+param_update="stochastic" (16 or 13 random bits below the kept mantissa) under each state's key.
 """
 
 from __future__ import annotations
@@ -225,14 +227,24 @@ b = [np.zeros(d["grad"].size, np.uint8)]; ba = [np.zeros(-(-d["grad"].size // 25
 _core.sgd_step([dict(params=[d["param"].copy()], grads=[d["grad"]], lr=1.0, weight_decay=0.0,
                      momentum=0.9, momentum_first=True, state_dtype="8bit", momentum_buffers=b,
                      momentum_buffer_absmaxs=ba, **keyed)])
+# bfloat16 states rounded stochastically: the float32 moments are mf and vf again.
+mb = [(mf0.view(np.uint32) >> 16).astype(np.uint16) for mf0 in
+      [_core.dequantize_blockwise(d["m_codes"], d["m_absmax"], "signed")]]
+vb = [(vf0.view(np.uint32) >> 16).astype(np.uint16) for vf0 in
+      [_core.dequantize_blockwise(d["v_codes"], d["v_absmax"], "unsigned")]]
+mb0 = (mb[0].astype(np.uint32) << 16).view(np.float32).copy()
+vb0 = (vb[0].astype(np.uint32) << 16).view(np.float32).copy()
+_core.adam_step([dict(params=[d["param"].copy()], grads=[d["grad"]], state_dtype="bfloat16", exp_avgs=mb,
+                      exp_avg_sqs=vb, **hyper, **keyed)])
+_core.adam_step([dict(params=[d["param"].copy()], grads=[d["grad"]], exp_avgs=[mb0], exp_avg_sqs=[vb0], **hyper)])
 np.savez(sys.argv[2], param=p[0], m=m[0], ma=ma[0], v=v[0], va=va[0], pf=pf[0], mf=mf[0], vf=vf[0],
-         b=b[0], ba=ba[0])
+         b=b[0], ba=ba[0], mb=mb[0], vb=vb[0], mb0=mb0, vb0=vb0)
 """
 
 
 def test_every_level_follows_the_rule(tmp_path, rng):
     """At each level (its vector body and its scalar tail): the param is the float32 step's
-    and the codes are the rule's for that level's float32 moments. SGD's first momentum
+    and the codes (and bfloat16 states) are the rule's for that level's float32 moments. SGD's first momentum
     step (the grad itself, no arithmetic) gives the same codes at every level."""
     n = 30 * QUANT_BLOCK + 13
     state = State8(rng, [n], ["exp_avg", "exp_avg_sq"])
@@ -256,12 +268,15 @@ def test_every_level_follows_the_rule(tmp_path, rng):
             np.testing.assert_array_equal(got[name + "a"], absmax, err_msg=f"{name} absmax: {level}")
         np.testing.assert_array_equal(got["b"], want_sgd[0], err_msg=f"SGD codes: {level}")
         np.testing.assert_array_equal(got["ba"], want_sgd[1], err_msg=f"SGD absmax: {level}")
+        for name, f, which in (("mb", "mb0", 1), ("vb", "vb0", 2)):
+            want = bf16_stochastic(got[f], random_bits(n, key ^ ((STATE_TAG * which) & M64)))
+            np.testing.assert_array_equal(got[name], want, err_msg=f"bfloat16 {name}: {level}")
 
 
 # --- the option -------------------------------------------------------------------------------
 
 def test_the_option_is_checked_once_for_both_front_ends():
-    for bad in ({"state_rounding": "stochastic"}, {"state_rounding": "stochastic", "state_dtype": "bfloat16"}):
+    for bad in ({"state_rounding": "stochastic"}, {"state_rounding": "stochastic", "state_dtype": "float32"}):
         with pytest.raises(ValueError, match="state_rounding='stochastic' .*8-bit"):
             cpuadam.AdamW([np.zeros(8, np.float32)], **bad)
     with pytest.raises(ValueError, match="Invalid state_rounding: 'up'"):
@@ -279,7 +294,7 @@ def test_the_core_refuses_bad_rounding_batches_and_writes_nothing(rng):
     bad = [
         (dict(state_dtype="8bit", **state.lists(), **dict(keyed(1, 1, [0]), state_rounding="up")),
          "invalid state_rounding.*'up'"),
-        (dict(exp_avgs=[m32], exp_avg_sqs=[v32], **keyed(1, 1, [0])), "'stochastic' rounds 8-bit states"),
+        (dict(exp_avgs=[m32], exp_avg_sqs=[v32], **keyed(1, 1, [0])), "'stochastic' rounds 8-bit, bfloat16 and float16 states"),
         (dict(state_dtype="8bit", **state.lists(), state_rounding="stochastic", rounding_step=1,
               stream_ids=[0]), "missing 'seed'"),
         (dict(state_dtype="8bit", **state.lists(), **keyed(1, 1, [0, 1])), "stream_ids has 2 entries"),
@@ -375,3 +390,129 @@ def test_nearest_is_the_default_and_stochastic_changes_only_the_codes():
     for i in big:
         assert np.mean(a.state_dict()["state"][i]["exp_avg_sq"] != b.state_dict()["state"][i]["exp_avg_sq"]) > 0.1
     assert "seed" not in a.state_dict()
+
+
+# --- bfloat16 and float16 states --------------------------------------------------------------
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    return (np.asarray(x, np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def bf16_values(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def bf16_stochastic(x: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """The carry rule for finite values below the largest bfloat16 (all these tests use)."""
+    u = x.view(np.uint32)
+    assert np.all((u & np.uint32(0x7FFFFFFF)) <= np.uint32(0x7F7F0000))
+    return ((u + (bits >> np.uint32(16))) >> np.uint32(16)).astype(np.uint16)
+
+
+@pytest.mark.parametrize("pdtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_bfloat16_states_follow_the_stochastic_rule_bitwise(pdtype, amsgrad, rng):
+    """The param steps from the stored moments as with nearest-rounded states; each new moment
+    is the float32 one rounded by the carry rule with its state's bits."""
+    keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
+    params = [log_spread(rng, n, -2, 0) for n in SIZES]
+    grads = [log_spread(rng, n, -5, -1) for n in SIZES]
+    states = {k: [bf16_bits(log_spread(rng, n, -6, -1) ** (2 if k != "exp_avg" else 1)) for n in SIZES]
+              for k in keys}
+    streams = [2 * i + 5 for i in range(len(SIZES))]
+    scalars = dict(ADAMW, step=6, amsgrad=amsgrad)
+    if pdtype == "bfloat16":
+        params = [bf16_bits(p) for p in params]
+        scalars.update(param_dtype="bfloat16")
+    got_params = [p.copy() for p in params]
+    got = {LISTS[k]: [b.copy() for b in states[k]] for k in keys}
+    _core.adam_step([dict(params=got_params, grads=grads, state_dtype="bfloat16", **got, **scalars,
+                          **keyed(21, 6, streams))])
+    want_params = [p.copy() for p in params]
+    f32 = {LISTS[k]: [bf16_values(b).copy() for b in states[k]] for k in keys}
+    _core.adam_step([dict(params=want_params, grads=grads, **f32, **scalars)])
+    for p, q in zip(got_params, want_params):
+        np.testing.assert_array_equal(p, q)
+    for k in keys:
+        for i, (value, stream) in enumerate(zip(f32[LISTS[k]], streams)):
+            key = tensor_key(21, 6, stream) ^ ((STATE_TAG * WHICH[k]) & M64)
+            want = bf16_stochastic(value, random_bits(value.size, key))
+            np.testing.assert_array_equal(got[LISTS[k]][i], want, err_msg=f"{k} of tensor {i}")
+
+
+def test_float16_states_round_to_a_neighbour_without_bias(rng):
+    """float16 moments (a float16 model's): each stored value is one of the two float16
+    neighbours of the float32 moment, the upper as often as its distance says."""
+    n = 60_000
+    param = (rng.standard_normal(n) * 0.5).astype(np.float16)
+    grad = (rng.standard_normal(n) * 0.1).astype(np.float16)
+    m = (rng.standard_normal(n) * 0.01).astype(np.float16)
+    v = (m.astype(np.float32) ** 2 + np.float32(1e-4)).astype(np.float16)
+    scalars = dict(ADAMW, step=4, param_dtype="float16", grad_dtype="float16")
+    gm, gv = m.copy(), v.copy()
+    _core.adam_step([dict(params=[param.copy()], grads=[grad], exp_avgs=[gm], exp_avg_sqs=[gv],
+                          state_dtype="float16", **scalars, **keyed(8, 4, [0]))])
+    fm, fv = m.astype(np.float32), v.astype(np.float32)
+    _core.adam_step([dict(params=[param.copy()], grads=[grad], exp_avgs=[fm], exp_avg_sqs=[fv], **scalars)])
+    for got, exact in ((gm, fm), (gv, fv)):
+        lo = exact.astype(np.float16)  # nearest; the lower neighbour is below x
+        lo = np.where(lo.astype(np.float32) > exact, np.nextafter(lo, np.float16(-np.inf)), lo)
+        hi = np.nextafter(lo, np.float16(np.inf))
+        assert np.all((got == lo) | (got == hi))
+        inner = lo.astype(np.float32) != exact
+        f = ((exact - lo.astype(np.float32)) / (hi.astype(np.float32) - lo.astype(np.float32)))[inner].astype(np.float64)
+        up = (got == hi)[inner]
+        assert np.all(got[~inner] == lo[~inner])
+        for d in range(10):
+            sel = (f >= d / 10) & (f < (d + 1) / 10)
+            assert abs(np.sum(up[sel]) - np.sum(f[sel])) <= 5 * np.sqrt(np.sum(f[sel] * (1 - f[sel]))) + 1, d
+
+
+def test_torch_bfloat16_model_rounds_its_moments_and_resumes_bitwise():
+    """A bfloat16 model (moments in bfloat16, torch's arrangement) with stochastic rounding of
+    the params and the moments: NumPy and torch agree bit for bit, and a resumed run continues
+    bit for bit."""
+    pytest.importorskip("ml_dtypes")
+    import ml_dtypes
+
+    options = dict(state_rounding="stochastic", param_update="stochastic", seed=5)
+
+    def tparams():
+        return [torch.nn.Parameter(torch.from_numpy(p).to(torch.bfloat16)) for p in start_params()]
+
+    def tstep(opt, params, s):
+        for p, g in zip(params, grads_for(s)):
+            p.grad = torch.from_numpy(g).to(torch.bfloat16)
+        opt.step()
+
+    full = tparams()
+    opt = ctorch.AdamW(full, lr=1e-2, **options)
+    for s in range(6):
+        tstep(opt, full, s)
+    assert opt.state_dict()["state"][1]["exp_avg"].dtype == torch.bfloat16
+    half = tparams()
+    first = ctorch.AdamW(half, lr=1e-2, **options)
+    for s in range(3):
+        tstep(first, half, s)
+    sd = first.state_dict()
+    resumed = ctorch.AdamW(half, lr=1e-2, **dict(options, seed=0))
+    resumed.load_state_dict(sd)
+    for s in range(3, 6):
+        tstep(resumed, half, s)
+    for a, b in zip(half, full):
+        assert torch.equal(a, b)
+
+    nparams = [torch.from_numpy(p).to(torch.bfloat16).view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+               for p in start_params()]
+    nopt = cpuadam.AdamW(nparams, lr=1e-2, state_dtype="bfloat16", **options)
+    for s in range(6):
+        nopt.step([torch.from_numpy(g).to(torch.bfloat16).view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+                   for g in grads_for(s)])
+    for a, b in zip(nparams, full):
+        np.testing.assert_array_equal(a.view(np.uint16), b.detach().view(torch.int16).numpy().view(np.uint16))
+    nearest = tparams()
+    plain = ctorch.AdamW(nearest, lr=1e-2, param_update="stochastic", seed=5)
+    for s in range(6):
+        tstep(plain, nearest, s)
+    assert not all(torch.equal(a, b) for a, b in zip(nearest, full))
+

@@ -3,7 +3,7 @@
 # Builds tests/native/driver.cpp with the kernel for x86-64's avx2 level and,
 # cross-compiled, for aarch64's neon level, runs the second under qemu, and
 # checks the two print the same hashes (Adam, SGD, Adam with 8-bit states in
-# both roundings): both fuse every multiply-add, so the results must agree to
+# both roundings and with stochastically rounded bfloat16 states): both fuse every multiply-add, so the results must agree to
 # the bit. Needs g++, aarch64-linux-gnu-g++ and
 # qemu-aarch64 (Debian: g++-aarch64-linux-gnu qemu-user). Exit 0: equal.
 set -euo pipefail

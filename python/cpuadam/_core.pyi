@@ -32,8 +32,9 @@ class _Batch(TypedDict, total=False):
     # "stochastic" (seed, rounding_step, stream_ids), "kahan" (kahan_comps, in
     # param_dtype) or "master" (masters). Ignored for float32 params.
     param_update: str
-    # How new 8-bit state codes are chosen (state_dtype "8bit" only): "nearest"
-    # (default) or "stochastic" (seed, rounding_step, stream_ids).
+    # How new 8-bit codes and bfloat16/float16 states are chosen (not for
+    # float32 states): "nearest" (default) or "stochastic" (seed, rounding_step,
+    # stream_ids).
     state_rounding: str
     masters: Sequence[np.ndarray]
     kahan_comps: Sequence[np.ndarray]

@@ -280,9 +280,9 @@ class Options:
             check_choice(state_dtype, "state_dtype", STATE_DTYPES)
         check_choice(param_update, "param_update", PARAM_UPDATES)
         check_choice(state_rounding, "state_rounding", STATE_ROUNDINGS)
-        if state_rounding == "stochastic" and state_dtype != "8bit":
-            raise ValueError(f"state_rounding='stochastic' rounds 8-bit state codes: it needs "
-                             f"state_dtype='8bit' (got state_dtype={state_dtype!r})")
+        if state_rounding == "stochastic" and state_dtype == "float32":
+            raise ValueError("state_rounding='stochastic' rounds 8-bit, bfloat16 and float16 states: "
+                             "it has nothing to round with state_dtype='float32'")
         _check_count(min_8bit_size, "min_8bit_size", 0, allow_none=False)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**31:
             raise ValueError(f"Invalid seed: {seed!r} (expected an int in [0, 2**31))")
@@ -802,7 +802,7 @@ class Engine:
                 static[key] = name
         if update != "nearest":
             static["param_update"] = update
-        if sdtype == "8bit" and self.options.state_rounding != "nearest":
+        if sdtype != "float32" and self.options.state_rounding != "nearest":
             static["state_rounding"] = self.options.state_rounding
         if update == "stochastic" or "state_rounding" in static:
             static["stream_ids"] = [m.flat for m in batch.members]

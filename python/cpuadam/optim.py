@@ -293,10 +293,11 @@ _OPTIONS = """
             (round to nearest even), "stochastic" (stochastic rounding keyed by
             ``seed``, the step and the element), "kahan" (a compensation buffer)
             or "master" (a float32 master copy in the state).
-        state_rounding: how 8-bit state codes are chosen (state_dtype="8bit"
-            only): "nearest" (default, the published scheme) or "stochastic"
-            (one of the two codes around the value, unbiased, keyed by
-            ``seed``, the step, the element and the state).
+        state_rounding: how new 8-bit codes and bfloat16/float16 moments are
+            chosen: "nearest" (default; for 8-bit, the published scheme) or
+            "stochastic" (one of the two values around the float32 moment,
+            unbiased, keyed by ``seed``, the step, the element and the state).
+            Not with state_dtype="float32", which has nothing to round.
         seed: int in [0, 2**31) for "stochastic" rounding.
         weight_decay_mask: callable(name, param) -> bool, or one bool per
             param: False excludes that param from weight decay.

@@ -196,6 +196,42 @@ uint64_t run_adam_8bit(const KernelTable& table, int num_threads) {
   return h;
 }
 
+// bfloat16 states rounded stochastically: AdamW with amsgrad, 10 steps.
+uint64_t run_adam_bf16_states(const KernelTable& table, int num_threads) {
+  Buffers b(7);
+  Lcg rng{8};
+  std::vector<std::vector<uint16_t>> states;
+  for (size_t t = 0; t < kSizes.size(); ++t) {
+    void* TensorSpan::*state[3] = {&TensorSpan::exp_avg, &TensorSpan::exp_avg_sq, &TensorSpan::max_exp_avg_sq};
+    for (int k = 0; k < 3; ++k) {
+      states.emplace_back(static_cast<size_t>(kSizes[t]), uint16_t{0});
+      b.spans[t].*state[k] = states.back().data();
+    }
+    b.spans[t].rounding_key = 0x0F1E2D3C4B5A6978ull * (t + 1);
+  }
+  for (int64_t step = 1; step <= 10; ++step) {
+    b.fill_grads(rng);
+    AdamHyper hyper;
+    hyper.lr = 1e-2;
+    hyper.weight_decay = 0.02;
+    hyper.step = step;
+    hyper.decoupled = true;
+    hyper.eps = 1e-8;
+    StepArgs a = args_for(b, num_threads);
+    adam_scalars(hyper, a.scalars);
+    a.decay = adam_decay_mode(hyper);
+    a.amsgrad = Amsgrad::On;
+    a.state_dtype = DType::BFloat16;
+    a.state_rounding = StateRounding::Stochastic;
+    if (!table.adam_step(a)) return 0;
+  }
+  uint64_t h = 14695981039346656037ULL;
+  for (const auto& v : b.param) h = fnv1a(h, v);
+  for (const auto& v : states)
+    for (uint16_t x : v) h = ((h ^ (x & 0xFF)) * 1099511628211ULL ^ (x >> 8)) * 1099511628211ULL;
+  return h;
+}
+
 }  // namespace
 
 int main() {
@@ -203,12 +239,13 @@ int main() {
   const uint64_t adam1 = run_adam(table, 1), adam2 = run_adam(table, 2);
   const uint64_t sgd1 = run_sgd(table, 1), sgd2 = run_sgd(table, 2);
   const uint64_t q1 = run_adam_8bit(table, 1), q2 = run_adam_8bit(table, 2);
-  if (adam1 != adam2 || sgd1 != sgd2 || q1 != q2) {
+  const uint64_t r1 = run_adam_bf16_states(table, 1), r2 = run_adam_bf16_states(table, 2);
+  if (adam1 != adam2 || sgd1 != sgd2 || q1 != q2 || r1 != r2) {
     std::printf("level %s: results differ between 1 and 2 threads\n", table.level);
     return 1;
   }
-  std::printf("level %s adam %016llx sgd %016llx adam-8bit %016llx\n", table.level,
+  std::printf("level %s adam %016llx sgd %016llx adam-8bit %016llx adam-bf16-sr %016llx\n", table.level,
               static_cast<unsigned long long>(adam1), static_cast<unsigned long long>(sgd1),
-              static_cast<unsigned long long>(q1));
+              static_cast<unsigned long long>(q1), static_cast<unsigned long long>(r1));
   return 0;
 }
