@@ -148,67 +148,9 @@ uint64_t run_sgd(const KernelTable& table, int num_threads) {
   return b.hash();
 }
 
-// 8-bit states (block-wise codes, one absmax per 256): AdamW with amsgrad, 10
-// steps from fresh states, with nearest codes, then again with stochastic codes.
-uint64_t run_adam_8bit(const KernelTable& table, int num_threads) {
-  uint64_t h = 14695981039346656037ULL;
-  for (int rounding = 0; rounding < 2; ++rounding) {
-    Buffers b(5);
-    Lcg rng{6};
-    std::vector<std::vector<uint8_t>> codes;
-    std::vector<std::vector<float>> absmax;
-    for (size_t t = 0; t < kSizes.size(); ++t) {
-      const int64_t n = kSizes[t], blocks = (n + 255) / 256;
-      void* TensorSpan::*state[3] = {&TensorSpan::exp_avg, &TensorSpan::exp_avg_sq, &TensorSpan::max_exp_avg_sq};
-      void* TensorSpan::*scale[3] = {&TensorSpan::exp_avg_absmax, &TensorSpan::exp_avg_sq_absmax,
-                                     &TensorSpan::max_exp_avg_sq_absmax};
-      for (int k = 0; k < 3; ++k) {
-        codes.emplace_back(static_cast<size_t>(n), uint8_t{0});
-        absmax.emplace_back(static_cast<size_t>(blocks), 0.f);
-      }
-      for (int k = 0; k < 3; ++k) {
-        b.spans[t].*state[k] = codes[codes.size() - 3 + k].data();
-        b.spans[t].*scale[k] = absmax[absmax.size() - 3 + k].data();
-      }
-      b.spans[t].rounding_key = 0x0123456789ABCDEFull * (t + 1);
-    }
-    for (int64_t step = 1; step <= 10; ++step) {
-      b.fill_grads(rng);
-      AdamHyper hyper;
-      hyper.lr = 1e-2;
-      hyper.weight_decay = 0.02;
-      hyper.step = step;
-      hyper.decoupled = true;
-      hyper.eps = 1e-8;
-      StepArgs a = args_for(b, num_threads);
-      adam_scalars(hyper, a.scalars);
-      a.decay = adam_decay_mode(hyper);
-      a.amsgrad = Amsgrad::On;
-      a.state_dtype = DType::Blockwise8;
-      a.state_rounding = rounding == 0 ? StateRounding::Nearest : StateRounding::Stochastic;
-      if (!table.adam_step(a)) return 0;
-    }
-    for (const auto& v : b.param) h = fnv1a(h, v);
-    for (const auto& c : codes)
-      for (uint8_t x : c) h = (h ^ x) * 1099511628211ULL;
-    for (const auto& v : absmax) h = fnv1a(h, v);
-  }
-  return h;
-}
-
-// bfloat16 states rounded stochastically: AdamW with amsgrad, 10 steps.
-uint64_t run_adam_bf16_states(const KernelTable& table, int num_threads) {
-  Buffers b(7);
-  Lcg rng{8};
-  std::vector<std::vector<uint16_t>> states;
-  for (size_t t = 0; t < kSizes.size(); ++t) {
-    void* TensorSpan::*state[3] = {&TensorSpan::exp_avg, &TensorSpan::exp_avg_sq, &TensorSpan::max_exp_avg_sq};
-    for (int k = 0; k < 3; ++k) {
-      states.emplace_back(static_cast<size_t>(kSizes[t]), uint16_t{0});
-      b.spans[t].*state[k] = states.back().data();
-    }
-    b.spans[t].rounding_key = 0x0F1E2D3C4B5A6978ull * (t + 1);
-  }
+// Ten AdamW steps with amsgrad over b, whose states are of the given dtype and rounding.
+bool adamw_amsgrad_steps(const KernelTable& table, Buffers& b, Lcg& rng, int num_threads, DType state_dtype,
+                         StateRounding rounding) {
   for (int64_t step = 1; step <= 10; ++step) {
     b.fill_grads(rng);
     AdamHyper hyper;
@@ -221,14 +163,71 @@ uint64_t run_adam_bf16_states(const KernelTable& table, int num_threads) {
     adam_scalars(hyper, a.scalars);
     a.decay = adam_decay_mode(hyper);
     a.amsgrad = Amsgrad::On;
-    a.state_dtype = DType::BFloat16;
-    a.state_rounding = StateRounding::Stochastic;
-    if (!table.adam_step(a)) return 0;
+    a.state_dtype = state_dtype;
+    a.state_rounding = rounding;
+    if (!table.adam_step(a)) return false;
   }
+  return true;
+}
+
+template <typename T>
+uint64_t fnv1a_bytes(uint64_t h, const std::vector<T>& v) {
+  const auto* bytes = reinterpret_cast<const unsigned char*>(v.data());
+  for (size_t i = 0; i < v.size() * sizeof(T); ++i) h = (h ^ bytes[i]) * 1099511628211ULL;
+  return h;
+}
+
+using Slots = void* TensorSpan::* const[3];
+Slots kStates = {&TensorSpan::exp_avg, &TensorSpan::exp_avg_sq, &TensorSpan::max_exp_avg_sq};
+Slots kAbsmax = {&TensorSpan::exp_avg_absmax, &TensorSpan::exp_avg_sq_absmax, &TensorSpan::max_exp_avg_sq_absmax};
+
+int64_t same(int64_t n) { return n; }
+int64_t blocks(int64_t n) { return (n + 255) / 256; }
+
+// Three zero buffers of T per tensor (elements_per(numel) each), wired into b's spans at slots.
+template <typename T>
+std::vector<std::vector<T>> fresh(Buffers& b, int64_t (*elements_per)(int64_t), Slots& slots) {
+  std::vector<std::vector<T>> out;
+  for (size_t t = 0; t < kSizes.size(); ++t)
+    for (int k = 0; k < 3; ++k) {
+      out.emplace_back(static_cast<size_t>(elements_per(kSizes[t])), T{0});
+      b.spans[t].*slots[k] = out.back().data();
+    }
+  return out;
+}
+
+void set_rounding_keys(Buffers& b, uint64_t key) {
+  for (size_t t = 0; t < kSizes.size(); ++t) b.spans[t].rounding_key = key * (t + 1);
+}
+
+// 8-bit states (block-wise codes, one absmax per 256), from fresh states, with
+// nearest codes, then again with stochastic codes.
+uint64_t run_adam_8bit(const KernelTable& table, int num_threads) {
+  uint64_t h = 14695981039346656037ULL;
+  for (StateRounding rounding : {StateRounding::Nearest, StateRounding::Stochastic}) {
+    Buffers b(5);
+    Lcg rng{6};
+    auto codes = fresh<uint8_t>(b, same, kStates);
+    auto absmax = fresh<float>(b, blocks, kAbsmax);
+    set_rounding_keys(b, 0x0123456789ABCDEFull);
+    if (!adamw_amsgrad_steps(table, b, rng, num_threads, DType::Blockwise8, rounding)) return 0;
+    for (const auto& v : b.param) h = fnv1a(h, v);
+    for (const auto& c : codes) h = fnv1a_bytes(h, c);
+    for (const auto& v : absmax) h = fnv1a(h, v);
+  }
+  return h;
+}
+
+// bfloat16 states rounded stochastically.
+uint64_t run_adam_bf16_states(const KernelTable& table, int num_threads) {
+  Buffers b(7);
+  Lcg rng{8};
+  auto states = fresh<uint16_t>(b, same, kStates);
+  set_rounding_keys(b, 0x0F1E2D3C4B5A6978ull);
+  if (!adamw_amsgrad_steps(table, b, rng, num_threads, DType::BFloat16, StateRounding::Stochastic)) return 0;
   uint64_t h = 14695981039346656037ULL;
   for (const auto& v : b.param) h = fnv1a(h, v);
-  for (const auto& v : states)
-    for (uint16_t x : v) h = ((h ^ (x & 0xFF)) * 1099511628211ULL ^ (x >> 8)) * 1099511628211ULL;
+  for (const auto& v : states) h = fnv1a_bytes(h, v);
   return h;
 }
 
