@@ -24,7 +24,7 @@
 // table is built). P and the slot of C_P come from float(w)'s exponent, so 8 codes
 // decode with two 8-entry permutes (vpermps) and no gather.
 //
-// The search: the 255 midpoints of consecutive map values, each rounded to
+// The search, exact: the 255 midpoints of consecutive map values, each rounded to
 // float32 toward -inf (then x > midpoint in float32 says exactly whether x is
 // above the real midpoint; x equal to a representable midpoint is not above it,
 // hence ties go down). code = #midpoints below x, found with one table entry
@@ -33,10 +33,29 @@
 // midpoint inside it, if any (no bucket holds two: checked when the table is
 // built). That midpoint shares x's top 16 bits, so only its low 16 go in the
 // entry, and x is above it when x's low 16 bits are (below it, for negative x).
-// The vector form runs a block in three passes: x and its bucket (8 lanes at a
-// time), the table entries (scalar loads: up to three per cycle, where an AVX2
-// gather of 8 costs a dozen cycles or more), then the codes (8 lanes at a time).
+// Scalar code and levels without AVX2 use it; the AVX2 form runs a block in
+// three passes: x and its bucket (8 lanes at a time), the table entries (scalar
+// loads), then the codes.
 //
+// The search, arithmetic (AVX2 levels, the hot path): no table loads. Split
+// a = |x| into 8 classes, the decades 0-6 and zero, at the boundaries between
+// them (the rounded-down midpoints between a decade's lowest value and the next
+// decade's highest; exact compares). Inside decade d, whose P values are the
+// centres of P equal parts of [0.1, 1] / 10^d, the nearest value is the part
+// holding a: j = floor(t), t = (a 10^d - 0.1) P / 0.9 = a * A_d + B_d, clamped to
+// [0, P - 1]; w = P + j as in the decode. The class: c0 = int(-log10(a) - 0.3),
+// with log2(a) read off a's bits taken as an integer (piecewise linear, low by
+// at most 0.086), clamped to 0..6, is the class or one below it (the boundaries
+// sit 0.006 to 0.44 decades under the powers of ten), so one compare with the
+// boundary above c0 (an 8-entry permute) settles it. t is computed in float32, so
+// near a part boundary (t near an integer: |t - round(t)| < kEncodeMargin) the
+// lane is not trusted; nor NaN, nor (unsigned map) negative x. A block with such
+// a lane runs the exact search instead (about 1 block in 120 of normally distributed moments). x
+// above the top boundary takes the code of 1. The margin and the whole method
+// are checked against the exact search on every float32 in [-1, 1] by
+// tests/native/encoder.cpp (CI): the errors of t stay below 1e-5 (5e-6 fails);
+// the margin is 2e-5. Ties at a class boundary (representable midpoints) sit at t
+// = P + 1 of the class below, so they go to the exact search too.
 // Stochastic rounding (the state_rounding="stochastic" option): x goes to one
 // of the two map values around it, lo <= x < hi, the upper one when
 // u * (hi - lo) < x - lo for u = (random >> 8) * 2^-24 in [0, 1) from 32 random
@@ -123,6 +142,13 @@ struct QuantTable {
   // the slot being bits 23-25 of float(w).
   alignas(32) float coef_hi[8];
   alignas(32) float coef_lo[8];
+  // The arithmetic search (see the top of the file), per class c (decades 0-6,
+  // then zero): t = a * enc_a[c] + enc_b[c], and enc_next[c] the boundary below
+  // class c (a above it is in class c or higher).
+  alignas(32) float enc_a[8];
+  alignas(32) float enc_b[8];
+  alignas(32) float enc_next[8];
+  float enc_top;  // x above it takes the code of 1
   bool is_signed;
 };
 
@@ -162,6 +188,29 @@ inline void build_decode(QuantTable& t) {
       throw std::logic_error("quantization table: the closed form misses a map value");
 }
 
+// The arithmetic search's tables (see the top of the file); needs t.mid.
+inline void build_encoder(QuantTable& t) {
+  // Positive x: code = w + w0 for the magnitude index w (0, unsigned 1, is zero;
+  // the top, 1, is w_top). The vector code takes the class's first w, p, as
+  // p0 >> c, which gives the w of zero for c = 7.
+  const int32_t w0 = t.is_signed ? 127 : -1;
+  const int32_t w_top = t.is_signed ? 128 : 256;
+  // The boundary between the magnitudes of w - 1 and w: their midpoint (rounded down).
+  const auto boundary = [&](int32_t w) { return t.mid[w + w0 - 1]; };
+  for (int c = 0; c < 7; ++c) {
+    const int32_t p = (t.is_signed ? 64 : 128) >> c;  // the decade's w are p .. 2p - 1
+    t.enc_a[c] = static_cast<float>(p * std::pow(10.0, c) / 0.9);
+    t.enc_b[c] = static_cast<float>(-p / 9.0);
+    t.enc_next[c] = boundary(p);
+  }
+  // Class 7, zero: t = 0.5 + 0.5 a / (its upper boundary), so that t nears 1 (and
+  // the lane is redone exactly) only next to that boundary.
+  t.enc_a[7] = 0.5f / t.enc_next[6];
+  t.enc_b[7] = 0.5f;
+  t.enc_next[7] = 0.f;
+  t.enc_top = boundary(w_top);
+}
+
 inline void build_table(bool is_signed, QuantTable& t) {
   t.is_signed = is_signed;
   build_qmap(is_signed, t.qmap);
@@ -173,6 +222,7 @@ inline void build_table(bool is_signed, QuantTable& t) {
     t.mid[k] = f;
   }
   t.mid[255] = INFINITY;
+  build_encoder(t);
   // Each bucket's smallest and largest x, from its magnitude range.
   for (int32_t b = 0; b < kBuckets; ++b) {
     const bool neg = b < kBucketsPerSign;
@@ -319,6 +369,68 @@ struct Decoder8 {
   }
 };
 
+// The arithmetic search (see the top of the file) on eight lanes: the nearest
+// codes of x, exact wherever the lane's t is not within kEncodeMargin of an
+// integer; such lanes, NaN and (unsigned map) negative x set the sign bit of
+// `redo`'s lanes, and the caller then runs the exact search instead.
+constexpr float kEncodeMargin = 2e-5f;
+struct Encoder8 {
+  __m256 a, b, next, abs_mask, log_scale, log_offset, margin, top;
+  __m256i p0, w0, minus_one, six, code_top, mirror;
+  bool is_signed;
+
+  explicit Encoder8(const QuantTable& t)
+      : a(_mm256_load_ps(t.enc_a)), b(_mm256_load_ps(t.enc_b)), next(_mm256_load_ps(t.enc_next)),
+        abs_mask(_mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF))),
+        // -log10(a) - 0.3 from a's bits read as an integer (a piecewise linear log2).
+        log_scale(_mm256_set1_ps(static_cast<float>(-0.30102999566398120 / 8388608.0))),
+        log_offset(_mm256_set1_ps(static_cast<float>(127.0 * 0.30102999566398120 - 0.3))),
+        margin(_mm256_set1_ps(kEncodeMargin)), top(_mm256_set1_ps(t.enc_top)),
+        p0(_mm256_set1_epi32(t.is_signed ? 64 : 128)), w0(_mm256_set1_epi32(t.is_signed ? 127 : -1)),
+        minus_one(_mm256_set1_epi32(-1)), six(_mm256_set1_epi32(6)),
+        code_top(_mm256_set1_epi32(255)), mirror(_mm256_set1_epi32(254)), is_signed(t.is_signed) {}
+
+  // kVectors vectors in lockstep, each step over all of them: one vector's chain
+  // of steps is long, and independent work side by side keeps the units busy.
+  template <int kVectors>
+  void operator()(const __m256 (&x)[kVectors], __m256i (&code)[kVectors], __m256& redo) const {
+    __m256 mag[kVectors], t[kVectors];
+    __m256i c[kVectors];
+#define CPUADAM_EACH for (int h = 0; h < kVectors; ++h)
+    CPUADAM_EACH mag[h] = _mm256_and_ps(x[h], abs_mask);
+    // The class: c0 (one below the true class or the class itself), then one boundary.
+    CPUADAM_EACH c[h] = _mm256_cvttps_epi32(
+        _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_castps_si256(mag[h])), log_scale, log_offset));
+    CPUADAM_EACH c[h] = _mm256_min_epi32(_mm256_max_epi32(c[h], _mm256_setzero_si256()), six);
+    CPUADAM_EACH c[h] = _mm256_sub_epi32(
+        c[h], _mm256_castps_si256(_mm256_cmp_ps(mag[h], _mm256_permutevar8x32_ps(next, c[h]), _CMP_LE_OQ)));
+    CPUADAM_EACH t[h] = _mm256_fmadd_ps(mag[h], _mm256_permutevar8x32_ps(a, c[h]), _mm256_permutevar8x32_ps(b, c[h]));
+    // The class's first w, p = p0 >> c (0 or 1 for class 7, zero), and its last p - 1
+    // (unsigned: no limit in class 7, whose t < 1 unless the lane is redone).
+    CPUADAM_EACH {
+      const __m256i p = _mm256_srlv_epi32(p0, c[h]);
+      code[h] = _mm256_add_epi32(_mm256_min_epu32(_mm256_cvttps_epi32(t[h]), _mm256_add_epi32(p, minus_one)),
+                                 _mm256_add_epi32(p, w0));
+    }
+    CPUADAM_EACH code[h] = _mm256_blendv_epi8(code[h], code_top, _mm256_castps_si256(_mm256_cmp_ps(x[h], top, _CMP_GT_OQ)));
+    // Near an integer (or NaN): redo; not above the top boundary, where the code is
+    // the map's end whatever t (t nears an integer at x = +-1).
+    CPUADAM_EACH {
+      const __m256 off = _mm256_and_ps(
+          _mm256_sub_ps(t[h], _mm256_round_ps(t[h], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)), abs_mask);
+      const __m256 end = _mm256_cmp_ps(mag[h], top, _CMP_GT_OQ);
+      redo = _mm256_or_ps(redo, _mm256_andnot_ps(end, _mm256_cmp_ps(off, margin, _CMP_NGE_UQ)));
+    }
+    if (is_signed) {
+      CPUADAM_EACH code[h] = _mm256_castps_si256(_mm256_blendv_ps(
+          _mm256_castsi256_ps(code[h]), _mm256_castsi256_ps(_mm256_sub_epi32(mirror, code[h])), x[h]));
+    } else {
+      CPUADAM_EACH redo = _mm256_or_ps(redo, x[h]);
+    }
+#undef CPUADAM_EACH
+  }
+};
+
 // stochastic_code on eight lanes: x, its nearest codes q and 32 random bits each.
 inline __m256i stochastic_codes8(__m256 x, __m256i q, __m256i random, const Decoder8& decode) {
   const __m256i one = _mm256_set1_epi32(1);
@@ -336,24 +448,51 @@ inline __m256i stochastic_codes8(__m256 x, __m256i q, __m256i random, const Deco
   // up == above: q; otherwise n.
   return _mm256_blendv_epi8(n, q, _mm256_cmpeq_epi32(up, above));
 }
+
+// 16 codes < 256, as bytes in order.
+inline void store_codes16(const __m256i code[2], uint8_t* out) {
+  const __m256i words = _mm256_permute4x64_epi64(_mm256_packus_epi32(code[0], code[1]), 0xD8);
+  const __m128i bytes = _mm_packus_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), bytes);
+}
 #endif
 
-// Codes of one block of n <= kQuantBlock values; returns its absmax. An all-zero
-// block has absmax 0 and every code that of 0 (x taken as 0). With `random` (n
-// words of random bits), the codes are rounded stochastically instead.
-inline float quantize_block(const float* __restrict v, uint8_t* __restrict codes, int64_t n,
-                            const QuantTable& t, const uint32_t* __restrict random = nullptr) {
-  const float absmax = block_absmax(v, n);
-  const float pre = quotient_prescale(absmax);
-  const float scale = absmax > 0.f ? absmax * pre : 1.f;  // 0 / 1 = 0: the code of 0
-  const float r = 1.f / scale;
-  const bool finite = absmax <= 0x1.fffffep127f;
-  int64_t i = 0;
 #if defined(__AVX2__)
-  // Pass 1: x and its bucket, 8 lanes at a time.
+// The codes of x = value * pre / scale for n (a multiple of 32) values of a
+// finite block, by the arithmetic search; false (and the codes unfinished) when
+// a lane needs the exact search. With `random`, rounded stochastically.
+inline bool search_codes(const float* __restrict v, uint8_t* __restrict codes, int64_t n, float pre,
+                         float scale, float r, const QuantTable& t, const uint32_t* __restrict random) {
+  const __m256 vscale = _mm256_set1_ps(scale), vr = _mm256_set1_ps(r), vpre = _mm256_set1_ps(pre);
+  const Encoder8 encode(t);
+  const Decoder8 decode(t);
+  __m256 redo = _mm256_setzero_ps();
+  constexpr int kVectors = 4;
+  for (int64_t k = 0; k < n; k += 8 * kVectors) {
+    __m256 x[kVectors];
+    __m256i code[kVectors];
+    for (int h = 0; h < kVectors; ++h) {
+      const __m256 value = _mm256_mul_ps(_mm256_loadu_ps(v + k + 8 * h), vpre);
+      const __m256 q = _mm256_mul_ps(value, vr);
+      x[h] = _mm256_fmadd_ps(_mm256_fnmadd_ps(q, vscale, value), vr, q);
+    }
+    encode(x, code, redo);
+    for (int h = 0; h < kVectors; h += 2) {
+      if (random != nullptr)
+        for (int g = h; g < h + 2; ++g)
+          code[g] = stochastic_codes8(
+              x[g], code[g], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(random + k + 8 * g)), decode);
+      store_codes16(code + h, codes + k + 8 * h);
+    }
+  }
+  return _mm256_movemask_ps(redo) == 0;
+}
+
+// The same codes by the exact search through the bucket table, in three passes.
+inline void search_codes_exact(const float* __restrict v, uint8_t* __restrict codes, int64_t n, float pre,
+                               float scale, float r, const QuantTable& t, const uint32_t* __restrict random) {
   alignas(32) int32_t xs[kQuantBlock];
   alignas(32) int32_t entries[kQuantBlock];
-  const int64_t n16 = finite ? n & ~int64_t{15} : 0;
   const __m256 vscale = _mm256_set1_ps(scale), vr = _mm256_set1_ps(r), vpre = _mm256_set1_ps(pre);
   const __m256i sign_mask = _mm256_set1_epi32(0x7FFFFFFF), low16 = _mm256_set1_epi32(0xFFFF);
   const __m256i low = _mm256_set1_epi32(kBucketLow), high = _mm256_set1_epi32(kBucketHigh);
@@ -361,7 +500,8 @@ inline float quantize_block(const float* __restrict v, uint8_t* __restrict codes
   const __m256i per_sign_m1 = _mm256_set1_epi32(kBucketsPerSign - 1);
   const __m256i byte = _mm256_set1_epi32(0xFF), one = _mm256_set1_epi32(1);
   const Decoder8 decode(t);
-  for (; i < n16; i += 8) {
+  // Pass 1: x and its bucket, 8 lanes at a time.
+  for (int64_t i = 0; i < n; i += 8) {
     const __m256 value = _mm256_mul_ps(_mm256_loadu_ps(v + i), vpre);
     const __m256 q = _mm256_mul_ps(value, vr);
     const __m256i u = _mm256_castps_si256(_mm256_fmadd_ps(_mm256_fnmadd_ps(q, vscale, value), vr, q));
@@ -372,9 +512,9 @@ inline float quantize_block(const float* __restrict v, uint8_t* __restrict codes
     _mm256_store_si256(reinterpret_cast<__m256i*>(xs + i), u);
     _mm256_store_si256(reinterpret_cast<__m256i*>(entries + i), b);
   }
-  // Pass 2: bucket -> table entry, one scalar load each. The empty asm keeps
-  // the compiler from turning the loop back into gathers.
-  for (int64_t k = 0; k < n16; ++k) {
+  // Pass 2: bucket -> table entry, one scalar load each. The empty asm keeps the
+  // compiler from turning the loop back into gathers.
+  for (int64_t k = 0; k < n; ++k) {
     int32_t b = entries[k];
 #if defined(__GNUC__)
     __asm__("" : "+r"(b));
@@ -382,7 +522,7 @@ inline float quantize_block(const float* __restrict v, uint8_t* __restrict codes
     entries[k] = t.entry[b];
   }
   // Pass 3: the codes, 16 at a time.
-  for (int64_t k = 0; k < n16; k += 16) {
+  for (int64_t k = 0; k < n; k += 16) {
     __m256i code[2];
     for (int h = 0; h < 2; ++h) {
       const __m256i u = _mm256_load_si256(reinterpret_cast<const __m256i*>(xs + k + 8 * h));
@@ -399,10 +539,27 @@ inline float quantize_block(const float* __restrict v, uint8_t* __restrict codes
                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(random + k + 8 * h)),
                                     decode);
     }
-    // 16 codes < 256 to bytes, in order.
-    const __m256i words = _mm256_permute4x64_epi64(_mm256_packus_epi32(code[0], code[1]), 0xD8);
-    const __m128i bytes = _mm_packus_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), bytes);
+    store_codes16(code, codes + k);
+  }
+}
+#endif
+
+// Codes of one block of n <= kQuantBlock values; returns its absmax. An all-zero
+// block has absmax 0 and every code that of 0 (x taken as 0). With `random` (n
+// words of random bits), the codes are rounded stochastically instead.
+inline float quantize_block(const float* __restrict v, uint8_t* __restrict codes, int64_t n,
+                            const QuantTable& t, const uint32_t* __restrict random = nullptr) {
+  const float absmax = block_absmax(v, n);
+  const float pre = quotient_prescale(absmax);
+  const float scale = absmax > 0.f ? absmax * pre : 1.f;  // 0 / 1 = 0: the code of 0
+  const float r = 1.f / scale;
+  const bool finite = absmax <= 0x1.fffffep127f;
+  int64_t i = 0;
+#if defined(__AVX2__)
+  if (finite) {
+    i = n & ~int64_t{31};
+    if (i > 0 && !search_codes(v, codes, i, pre, scale, r, t, random))
+      search_codes_exact(v, codes, i, pre, scale, r, t, random);
   }
 #endif
   for (; i < n; ++i) {

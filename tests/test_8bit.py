@@ -105,8 +105,10 @@ def test_the_maps_are_the_dynamic_maps_of_the_reference(signed):
 
 def adversarial(rng, qmap):
     """Values that land exactly on representable midpoints, one float32 either side of
-    every midpoint, on map values, zeros, and a spread over every decade; each block holds a
-    1 so that value / absmax is the value itself."""
+    every midpoint, on map values, zeros, and a spread over every decade; then, offset by
+    offset, the floats 2 to 1024 ulps either side of every midpoint (blocks of one offset:
+    the arithmetic code search keeps the far ones and hands the near ones to the exact
+    search); each block holds a 1 so that value / absmax is the value itself."""
     q = qmap.astype(np.float64)
     mids = (q[:-1] + q[1:]) / 2
     m32 = mids.astype(np.float32)
@@ -115,7 +117,10 @@ def adversarial(rng, qmap):
     spread = np.clip(log_spread(rng, 4000, -9, 0), -1, 1)
     if qmap[0] >= 0:
         spread = np.abs(spread)
-    values = np.concatenate([exact, near, qmap, np.zeros(7, np.float32), spread]).astype(np.float32)
+    bits = m32.view(np.int32)
+    offsets = [(bits + sign * k).view(np.float32) for k in (2, 3, 5, 8, 16, 64, 256, 1024) for sign in (1, -1)]
+    off = np.clip(np.concatenate(offsets), -1, 1)
+    values = np.concatenate([exact, near, qmap, np.zeros(7, np.float32), spread, off]).astype(np.float32)
     if qmap[0] >= 0:
         values = values[values >= 0]
     blocks = -(-values.size // (QUANT_BLOCK - 1))
