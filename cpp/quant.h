@@ -461,11 +461,11 @@ inline void store_codes16(const __m256i code[2], uint8_t* out) {
 // The codes of x = value * pre / scale for n (a multiple of 32) values of a
 // finite block, by the arithmetic search; false (and the codes unfinished) when
 // a lane needs the exact search. With `random`, rounded stochastically.
-inline bool search_codes(const float* __restrict v, uint8_t* __restrict codes, int64_t n, float pre,
-                         float scale, float r, const QuantTable& t, const uint32_t* __restrict random) {
+template <bool kStochastic>
+bool search_codes(const float* __restrict v, uint8_t* __restrict codes, int64_t n, float pre, float scale,
+                  float r, const QuantTable& t, const uint32_t* __restrict random) {
   const __m256 vscale = _mm256_set1_ps(scale), vr = _mm256_set1_ps(r), vpre = _mm256_set1_ps(pre);
   const Encoder8 encode(t);
-  const Decoder8 decode(t);
   __m256 redo = _mm256_setzero_ps();
   constexpr int kVectors = 4;
   for (int64_t k = 0; k < n; k += 8 * kVectors) {
@@ -477,13 +477,13 @@ inline bool search_codes(const float* __restrict v, uint8_t* __restrict codes, i
       x[h] = _mm256_fmadd_ps(_mm256_fnmadd_ps(q, vscale, value), vr, q);
     }
     encode(x, code, redo);
-    for (int h = 0; h < kVectors; h += 2) {
-      if (random != nullptr)
-        for (int g = h; g < h + 2; ++g)
-          code[g] = stochastic_codes8(
-              x[g], code[g], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(random + k + 8 * g)), decode);
-      store_codes16(code + h, codes + k + 8 * h);
+    if constexpr (kStochastic) {
+      const Decoder8 decode(t);
+      for (int h = 0; h < kVectors; ++h)
+        code[h] = stochastic_codes8(x[h], code[h],
+                                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(random + k + 8 * h)), decode);
     }
+    for (int h = 0; h < kVectors; h += 2) store_codes16(code + h, codes + k + 8 * h);
   }
   return _mm256_movemask_ps(redo) == 0;
 }
@@ -558,8 +558,9 @@ inline float quantize_block(const float* __restrict v, uint8_t* __restrict codes
 #if defined(__AVX2__)
   if (finite) {
     i = n & ~int64_t{31};
-    if (i > 0 && !search_codes(v, codes, i, pre, scale, r, t, random))
-      search_codes_exact(v, codes, i, pre, scale, r, t, random);
+    const bool found = random != nullptr ? search_codes<true>(v, codes, i, pre, scale, r, t, random)
+                                         : search_codes<false>(v, codes, i, pre, scale, r, t, random);
+    if (i > 0 && !found) search_codes_exact(v, codes, i, pre, scale, r, t, random);
   }
 #endif
   for (; i < n; ++i) {
