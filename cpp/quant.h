@@ -313,6 +313,15 @@ inline float quotient(float value, float scale, float r) {
 #endif
 }
 
+#if defined(__AVX2__)
+// quotient() on eight values, each first scaled by pre.
+inline __m256 quotient8(const float* v, __m256 pre, __m256 scale, __m256 r) {
+  const __m256 value = _mm256_mul_ps(_mm256_loadu_ps(v), pre);
+  const __m256 q = _mm256_mul_ps(value, r);
+  return _mm256_fmadd_ps(_mm256_fnmadd_ps(q, scale, value), r, q);
+}
+#endif
+
 // The block's largest |value|. NaNs are passed over (a > m is false for them).
 inline float block_absmax(const float* __restrict v, int64_t n) {
   float m = 0.f;
@@ -471,11 +480,7 @@ bool search_codes(const float* __restrict v, uint8_t* __restrict codes, int64_t 
   for (int64_t k = 0; k < n; k += 8 * kVectors) {
     __m256 x[kVectors];
     __m256i code[kVectors];
-    for (int h = 0; h < kVectors; ++h) {
-      const __m256 value = _mm256_mul_ps(_mm256_loadu_ps(v + k + 8 * h), vpre);
-      const __m256 q = _mm256_mul_ps(value, vr);
-      x[h] = _mm256_fmadd_ps(_mm256_fnmadd_ps(q, vscale, value), vr, q);
-    }
+    for (int h = 0; h < kVectors; ++h) x[h] = quotient8(v + k + 8 * h, vpre, vscale, vr);
     encode(x, code, redo);
     if constexpr (kStochastic) {
       const Decoder8 decode(t);
@@ -502,9 +507,7 @@ inline void search_codes_exact(const float* __restrict v, uint8_t* __restrict co
   const Decoder8 decode(t);
   // Pass 1: x and its bucket, 8 lanes at a time.
   for (int64_t i = 0; i < n; i += 8) {
-    const __m256 value = _mm256_mul_ps(_mm256_loadu_ps(v + i), vpre);
-    const __m256 q = _mm256_mul_ps(value, vr);
-    const __m256i u = _mm256_castps_si256(_mm256_fmadd_ps(_mm256_fnmadd_ps(q, vscale, value), vr, q));
+    const __m256i u = _mm256_castps_si256(quotient8(v + i, vpre, vscale, vr));
     __m256i j = _mm256_srli_epi32(_mm256_and_si256(u, sign_mask), kBucketShift);
     j = _mm256_sub_epi32(_mm256_min_epi32(_mm256_max_epi32(j, low), high), low);
     const __m256i neg = _mm256_srai_epi32(u, 31);  // all ones where the sign is set
