@@ -314,9 +314,10 @@ inline float quotient(float value, float scale, float r) {
 }
 
 #if defined(__AVX2__)
-// quotient() on eight values, each first scaled by pre.
+// quotient() on eight values, each first scaled by pre (kPrescale; otherwise pre is 1).
+template <bool kPrescale = true>
 inline __m256 quotient8(const float* v, __m256 pre, __m256 scale, __m256 r) {
-  const __m256 value = _mm256_mul_ps(_mm256_loadu_ps(v), pre);
+  const __m256 value = kPrescale ? _mm256_mul_ps(_mm256_loadu_ps(v), pre) : _mm256_loadu_ps(v);
   const __m256 q = _mm256_mul_ps(value, r);
   return _mm256_fmadd_ps(_mm256_fnmadd_ps(q, scale, value), r, q);
 }
@@ -328,11 +329,15 @@ inline float block_absmax(const float* __restrict v, int64_t n) {
 #if defined(__AVX2__)
   int64_t i = 0;
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-  __m256 acc = _mm256_setzero_ps();
-  // max_ps(a, acc) returns acc when a is NaN, as the scalar form does.
-  for (; i + 8 <= n; i += 8) acc = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(v + i), abs_mask), acc);
+  // max_ps(a, acc) returns acc when a is NaN, as the scalar form does. Four
+  // accumulators: one would wait on its own previous max every step.
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (; i + 32 <= n; i += 32)
+    for (int h = 0; h < 4; ++h)
+      acc[h] = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(v + i + 8 * h), abs_mask), acc[h]);
+  for (; i + 8 <= n; i += 8) acc[0] = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(v + i), abs_mask), acc[0]);
   alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, acc);
+  _mm256_store_ps(lanes, _mm256_max_ps(_mm256_max_ps(acc[0], acc[1]), _mm256_max_ps(acc[2], acc[3])));
   for (int j = 0; j < 8; ++j) m = lanes[j] > m ? lanes[j] : m;
   for (; i < n; ++i) {
     const float a = __builtin_fabsf(v[i]);
@@ -383,10 +388,10 @@ struct Decoder8 {
 // integer; such lanes, NaN and (unsigned map) negative x set the sign bit of
 // `redo`'s lanes, and the caller then runs the exact search instead.
 constexpr float kEncodeMargin = 2e-5f;
+template <bool kSigned>
 struct Encoder8 {
   __m256 a, b, next, abs_mask, log_scale, log_offset, margin, top;
   __m256i p0, w0, minus_one, six, code_top, mirror;
-  bool is_signed;
 
   explicit Encoder8(const QuantTable& t)
       : a(_mm256_load_ps(t.enc_a)), b(_mm256_load_ps(t.enc_b)), next(_mm256_load_ps(t.enc_next)),
@@ -395,9 +400,11 @@ struct Encoder8 {
         log_scale(_mm256_set1_ps(static_cast<float>(-0.30102999566398120 / 8388608.0))),
         log_offset(_mm256_set1_ps(static_cast<float>(127.0 * 0.30102999566398120 - 0.3))),
         margin(_mm256_set1_ps(kEncodeMargin)), top(_mm256_set1_ps(t.enc_top)),
-        p0(_mm256_set1_epi32(t.is_signed ? 64 : 128)), w0(_mm256_set1_epi32(t.is_signed ? 127 : -1)),
+        p0(_mm256_set1_epi32(kSigned ? 64 : 128)), w0(_mm256_set1_epi32(kSigned ? 127 : -1)),
         minus_one(_mm256_set1_epi32(-1)), six(_mm256_set1_epi32(6)),
-        code_top(_mm256_set1_epi32(255)), mirror(_mm256_set1_epi32(254)), is_signed(t.is_signed) {}
+        code_top(_mm256_set1_epi32(255)), mirror(_mm256_set1_epi32(254)) {
+    if (t.is_signed != kSigned) throw std::logic_error("Encoder8: the map's sign does not match");
+  }
 
   // kVectors vectors in lockstep, each step over all of them: one vector's chain
   // of steps is long, and independent work side by side keeps the units busy.
@@ -408,9 +415,11 @@ struct Encoder8 {
 #define CPUADAM_EACH for (int h = 0; h < kVectors; ++h)
     CPUADAM_EACH mag[h] = _mm256_and_ps(x[h], abs_mask);
     // The class: c0 (one below the true class or the class itself), then one boundary.
+    // a <= 1 gives c0 >= 0 (truncation of -0.3), so only the top needs a clamp; a
+    // NaN's c0 is negative, and its lane is redone (t is NaN) whatever c says.
     CPUADAM_EACH c[h] = _mm256_cvttps_epi32(
         _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_castps_si256(mag[h])), log_scale, log_offset));
-    CPUADAM_EACH c[h] = _mm256_min_epi32(_mm256_max_epi32(c[h], _mm256_setzero_si256()), six);
+    CPUADAM_EACH c[h] = _mm256_min_epi32(c[h], six);
     CPUADAM_EACH c[h] = _mm256_sub_epi32(
         c[h], _mm256_castps_si256(_mm256_cmp_ps(mag[h], _mm256_permutevar8x32_ps(next, c[h]), _CMP_LE_OQ)));
     CPUADAM_EACH t[h] = _mm256_fmadd_ps(mag[h], _mm256_permutevar8x32_ps(a, c[h]), _mm256_permutevar8x32_ps(b, c[h]));
@@ -430,7 +439,7 @@ struct Encoder8 {
       const __m256 end = _mm256_cmp_ps(mag[h], top, _CMP_GT_OQ);
       redo = _mm256_or_ps(redo, _mm256_andnot_ps(end, _mm256_cmp_ps(off, margin, _CMP_NGE_UQ)));
     }
-    if (is_signed) {
+    if constexpr (kSigned) {
       CPUADAM_EACH code[h] = _mm256_castps_si256(_mm256_blendv_ps(
           _mm256_castsi256_ps(code[h]), _mm256_castsi256_ps(_mm256_sub_epi32(mirror, code[h])), x[h]));
     } else {
@@ -469,18 +478,19 @@ inline void store_codes16(const __m256i code[2], uint8_t* out) {
 #if defined(__AVX2__)
 // The codes of x = value * pre / scale for n (a multiple of 32) values of a
 // finite block, by the arithmetic search; false (and the codes unfinished) when
-// a lane needs the exact search. With `random`, rounded stochastically.
-template <bool kStochastic>
+// a lane needs the exact search. With `random`, rounded stochastically. kSigned:
+// t's map; kPrescale: pre differs from 1.
+template <bool kStochastic, bool kSigned, bool kPrescale>
 bool search_codes(const float* __restrict v, uint8_t* __restrict codes, int64_t n, float pre, float scale,
                   float r, const QuantTable& t, const uint32_t* __restrict random) {
   const __m256 vscale = _mm256_set1_ps(scale), vr = _mm256_set1_ps(r), vpre = _mm256_set1_ps(pre);
-  const Encoder8 encode(t);
+  const Encoder8<kSigned> encode(t);
   __m256 redo = _mm256_setzero_ps();
   constexpr int kVectors = 4;
   for (int64_t k = 0; k < n; k += 8 * kVectors) {
     __m256 x[kVectors];
     __m256i code[kVectors];
-    for (int h = 0; h < kVectors; ++h) x[h] = quotient8(v + k + 8 * h, vpre, vscale, vr);
+    for (int h = 0; h < kVectors; ++h) x[h] = quotient8<kPrescale>(v + k + 8 * h, vpre, vscale, vr);
     encode(x, code, redo);
     if constexpr (kStochastic) {
       const Decoder8 decode(t);
@@ -491,6 +501,17 @@ bool search_codes(const float* __restrict v, uint8_t* __restrict codes, int64_t 
     for (int h = 0; h < kVectors; h += 2) store_codes16(code + h, codes + k + 8 * h);
   }
   return _mm256_movemask_ps(redo) == 0;
+}
+
+// search_codes for t's map and pre.
+template <bool kStochastic>
+bool search_codes_for(const float* __restrict v, uint8_t* __restrict codes, int64_t n, float pre, float scale,
+                      float r, const QuantTable& t, const uint32_t* __restrict random) {
+  if (t.is_signed)
+    return pre == 1.f ? search_codes<kStochastic, true, false>(v, codes, n, pre, scale, r, t, random)
+                      : search_codes<kStochastic, true, true>(v, codes, n, pre, scale, r, t, random);
+  return pre == 1.f ? search_codes<kStochastic, false, false>(v, codes, n, pre, scale, r, t, random)
+                    : search_codes<kStochastic, false, true>(v, codes, n, pre, scale, r, t, random);
 }
 
 // The same codes by the exact search through the bucket table, in three passes.
@@ -561,8 +582,8 @@ inline float quantize_block(const float* __restrict v, uint8_t* __restrict codes
 #if defined(__AVX2__)
   if (finite) {
     i = n & ~int64_t{31};
-    const bool found = random != nullptr ? search_codes<true>(v, codes, i, pre, scale, r, t, random)
-                                         : search_codes<false>(v, codes, i, pre, scale, r, t, random);
+    const bool found = random != nullptr ? search_codes_for<true>(v, codes, i, pre, scale, r, t, random)
+                                         : search_codes_for<false>(v, codes, i, pre, scale, r, t, random);
     if (i > 0 && !found) search_codes_exact(v, codes, i, pre, scale, r, t, random);
   }
 #endif

@@ -145,6 +145,20 @@ def test_every_code_is_the_nearest_code_and_ties_go_down(map_name, rng):
     np.testing.assert_array_equal(back, dequantize_blockwise(codes, absmax, qmap))
 
 
+@pytest.mark.parametrize("map_name", ["signed", "unsigned"])
+@pytest.mark.parametrize("scale", [2.0 ** -120, 2.0 ** -61, 2.0 ** 61, 2.0 ** 120])
+def test_blocks_scaled_far_from_one_keep_their_codes(map_name, scale, rng):
+    """Blocks whose absmax lies beyond 2^-60 or 2^60 are scaled by a power of two
+    before the quotient: the adversarial values, scaled, keep the nearest codes."""
+    qmap = dynamic_map(map_name == "signed")
+    values, _ = adversarial(rng, qmap)
+    values = (values.astype(np.float64) * scale).astype(np.float32)
+    codes, absmax = _core.quantize_blockwise(values, map_name)
+    want_codes, want_absmax = quantize_blockwise(values, qmap)
+    np.testing.assert_array_equal(absmax, want_absmax)
+    np.testing.assert_array_equal(codes, want_codes)
+
+
 @pytest.mark.parametrize("n", [0, 1, 255, 256, 257, 10_000])
 def test_quantizer_on_short_blocks_zeros_and_scales(n, rng):
     for map_name in ("signed", "unsigned"):
