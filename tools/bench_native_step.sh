@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: MIT
+# Builds benchmarks/native/step.cpp (the avx2 level's Adam step, no Python) and
+# prints ns per param. With a git revision, also builds that revision and runs
+# the two interleaved, ROUNDS times each, printing the medians and the median
+# ratio (this tree / the revision): the machine's speed drifts, so only
+# interleaved ratios compare builds.
+#   tools/bench_native_step.sh [REVISION] [-- n steps states]
+# Environment: ROUNDS (default 15). Needs g++ and an x86-64 CPU with AVX2 and FMA.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rev=""
+if [[ $# -gt 0 && "$1" != "--" ]]; then rev=$1; shift; fi
+[[ $# -gt 0 && "$1" == "--" ]] && shift
+args=("$@")
+out="$(mktemp -d)"
+trap 'rm -rf "$out"' EXIT
+
+build() {  # build SOURCE_ROOT OUTPUT
+  local root=$1 output=$2
+  g++ -std=c++17 -O3 -g -fno-math-errno -ffp-contract=off -pthread -I"$root/cpp" -mavx2 -mfma -mf16c \
+    -DCPUADAM_LEVEL=avx2 -c "$root/cpp/kernel_isa.cpp" -o "$output.o"
+  # The benchmark source of this tree, against the revision's headers and kernel.
+  g++ -std=c++17 -O2 -g -pthread -I"$root/cpp" benchmarks/native/step.cpp \
+    "$root/cpp/scalars.cpp" "$root/cpp/threads.cpp" "$output.o" -o "$output"
+}
+
+build . "$out/step_tree" &
+tree_build=$!
+if [[ -n "$rev" ]]; then
+  mkdir "$out/rev"
+  git archive "$rev" cpp | tar -x -C "$out/rev"
+  build "$out/rev" "$out/step_rev"
+fi
+wait "$tree_build"
+if [[ -z "$rev" ]]; then
+  echo "ns per param: $("$out/step_tree" "${args[@]}")"
+  exit 0
+fi
+for _ in $(seq "${ROUNDS:-15}"); do
+  echo "$("$out/step_rev" "${args[@]}") $("$out/step_tree" "${args[@]}")"
+done | python3 -c "
+import statistics, sys
+pairs = [tuple(map(float, line.split())) for line in sys.stdin]
+old = statistics.median(p[0] for p in pairs)
+new = statistics.median(p[1] for p in pairs)
+ratio = statistics.median(p[1] / p[0] for p in pairs)
+print(f'ns per param, medians of {len(pairs)} interleaved runs: $rev {old:.3f}, this tree {new:.3f}; '
+      f'median ratio (this tree / $rev) {ratio:.3f}')"
