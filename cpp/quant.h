@@ -45,7 +45,7 @@
 // holding a: j = floor(t), t = (a 10^d - 0.1) P / 0.9 = a * A_d + B_d, clamped to
 // [0, P - 1]; w = P + j as in the decode. The class: c0 = int(-log10(a) - 0.3),
 // with log2(a) read off a's bits taken as an integer (piecewise linear, low by
-// at most 0.086), clamped to 0..6, is the class or one below it (the boundaries
+// at most 0.086; never below 0 for a <= 1), capped at 6, is the class or one below it (the boundaries
 // sit 0.006 to 0.44 decades under the powers of ten), so one compare with the
 // boundary above c0 (an 8-entry permute) settles it. t is computed in float32, so
 // near a part boundary (t near an integer: |t - round(t)| < kEncodeMargin) the
