@@ -9,6 +9,10 @@
 # Environment: ROUNDS (default 15). Needs g++ and an x86-64 CPU with AVX2 and FMA.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [[ "$(uname -m)" != x86_64 ]] || ! grep -qw avx2 /proc/cpuinfo || ! grep -qw fma /proc/cpuinfo; then
+  echo "needs an x86-64 CPU with AVX2 and FMA" >&2
+  exit 1
+fi
 rev=""
 if [[ $# -gt 0 && "$1" != "--" ]]; then rev=$1; shift; fi
 [[ $# -gt 0 && "$1" == "--" ]] && shift
