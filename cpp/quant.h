@@ -314,10 +314,9 @@ inline float quotient(float value, float scale, float r) {
 }
 
 #if defined(__AVX2__)
-// quotient() on eight values, each first scaled by pre (kPrescale; otherwise pre is 1).
-template <bool kPrescale = true>
+// quotient() on eight values, each first scaled by pre.
 inline __m256 quotient8(const float* v, __m256 pre, __m256 scale, __m256 r) {
-  const __m256 value = kPrescale ? _mm256_mul_ps(_mm256_loadu_ps(v), pre) : _mm256_loadu_ps(v);
+  const __m256 value = _mm256_mul_ps(_mm256_loadu_ps(v), pre);
   const __m256 q = _mm256_mul_ps(value, r);
   return _mm256_fmadd_ps(_mm256_fnmadd_ps(q, scale, value), r, q);
 }
@@ -479,8 +478,8 @@ inline void store_codes16(const __m256i code[2], uint8_t* out) {
 // The codes of x = value * pre / scale for n (a multiple of 32) values of a
 // finite block, by the arithmetic search; false (and the codes unfinished) when
 // a lane needs the exact search. With `random`, rounded stochastically. kSigned:
-// t's map; kPrescale: pre differs from 1.
-template <bool kStochastic, bool kSigned, bool kPrescale>
+// t's map.
+template <bool kStochastic, bool kSigned>
 bool search_codes(const float* __restrict v, uint8_t* __restrict codes, int64_t n, float pre, float scale,
                   float r, const QuantTable& t, const uint32_t* __restrict random) {
   const __m256 vscale = _mm256_set1_ps(scale), vr = _mm256_set1_ps(r), vpre = _mm256_set1_ps(pre);
@@ -490,7 +489,7 @@ bool search_codes(const float* __restrict v, uint8_t* __restrict codes, int64_t 
   for (int64_t k = 0; k < n; k += 8 * kVectors) {
     __m256 x[kVectors];
     __m256i code[kVectors];
-    for (int h = 0; h < kVectors; ++h) x[h] = quotient8<kPrescale>(v + k + 8 * h, vpre, vscale, vr);
+    for (int h = 0; h < kVectors; ++h) x[h] = quotient8(v + k + 8 * h, vpre, vscale, vr);
     encode(x, code, redo);
     if constexpr (kStochastic) {
       const Decoder8 decode(t);
@@ -503,15 +502,12 @@ bool search_codes(const float* __restrict v, uint8_t* __restrict codes, int64_t 
   return _mm256_movemask_ps(redo) == 0;
 }
 
-// search_codes for t's map and pre.
+// search_codes for t's map.
 template <bool kStochastic>
 bool search_codes_for(const float* __restrict v, uint8_t* __restrict codes, int64_t n, float pre, float scale,
                       float r, const QuantTable& t, const uint32_t* __restrict random) {
-  if (t.is_signed)
-    return pre == 1.f ? search_codes<kStochastic, true, false>(v, codes, n, pre, scale, r, t, random)
-                      : search_codes<kStochastic, true, true>(v, codes, n, pre, scale, r, t, random);
-  return pre == 1.f ? search_codes<kStochastic, false, false>(v, codes, n, pre, scale, r, t, random)
-                    : search_codes<kStochastic, false, true>(v, codes, n, pre, scale, r, t, random);
+  return t.is_signed ? search_codes<kStochastic, true>(v, codes, n, pre, scale, r, t, random)
+                     : search_codes<kStochastic, false>(v, codes, n, pre, scale, r, t, random);
 }
 
 // The same codes by the exact search through the bucket table, in three passes.
