@@ -1,11 +1,12 @@
 // SPDX-License-Identifier: MIT
 // The AVX2 level's Adam step alone, without Python: AdamW over one float32 param
-// of n elements with float32 or 8-bit states, one thread, timed in a loop (best
+// of n elements with float32 or 8-bit states, one thread by default, timed in a loop (best
 // of 5 repeats, ns per param). Small n keeps every buffer in cache, so the
 // arithmetic is measured rather than the memory. Built with symbols by
 // tools/bench_native_step.sh, which also compares two commits interleaved; a
-// profiler (perf record) can run the binary directly.
-//   step [n = 16384] [steps = 1500] [states: 8bit | fp32]
+// profiler (perf record) can run the binary directly. Large n with threads > 1
+// times the step out of cache as the Python benchmarks do.
+//   step [n = 16384] [steps = 1500] [states: 8bit | fp32] [threads = 1]
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -30,6 +31,7 @@ int main(int argc, char** argv) {
   const int64_t n = argc > 1 ? std::atoll(argv[1]) : 16384;
   const int steps = argc > 2 ? std::atoi(argv[2]) : 1500;
   const bool codes = argc > 3 ? std::strcmp(argv[3], "fp32") != 0 : true;
+  const int threads = argc > 4 ? std::atoi(argv[4]) : 1;
   const KernelTable table = avx2::kernel_table();
   std::vector<float> param(n), grad(n), exp_avg(n), exp_avg_sq(n);
   std::vector<float> absmax_m((n + 255) / 256), absmax_v((n + 255) / 256);
@@ -72,7 +74,7 @@ int main(int argc, char** argv) {
       a.tensors = &s;
       a.num_tensors = 1;
       a.offsets = offsets;
-      a.num_threads = 1;
+      a.num_threads = threads;
       a.scalars.clip_value = INFINITY;
       adam_scalars(h, a.scalars);
       a.decay = adam_decay_mode(h);
