@@ -615,6 +615,28 @@ def test_a_foreign_qmap_or_bad_absmax_is_refused_on_load():
         other.load_state_dict(bad)
 
 
+def test_a_replaced_qmap_is_refused_by_the_step_and_a_missing_one_restored(rng):
+    """The step decodes with cpuadam's maps only: a state whose map was replaced by
+    another is refused (nothing written), one whose map was removed gets it back."""
+    p = rng.standard_normal(5000).astype(np.float32)
+    opt = cpuadam.AdamW([p], lr=1e-2, state_dtype="8bit")
+    for _ in range(2):
+        opt.step([rng.standard_normal(5000).astype(np.float32)])
+    st = opt.state[0]
+    own = st["exp_avg_qmap"]
+    for bad in (own * 2, np.zeros(256, np.float32), own[:100].copy()):
+        st["exp_avg_qmap"] = bad
+        before = (p.copy(), {k: np.array(v, copy=True) for k, v in st.items()})
+        with pytest.raises(ValueError, match=r"exp_avg_qmap of params\[0\] in group 0 is not"):
+            opt.step([rng.standard_normal(5000).astype(np.float32)])
+        assert p.tobytes() == before[0].tobytes()
+        for k, v in st.items():
+            assert np.asarray(v).tobytes() == before[1][k].tobytes(), k
+    del st["exp_avg_qmap"]
+    opt.step([rng.standard_normal(5000).astype(np.float32)])
+    np.testing.assert_array_equal(opt.state[0]["exp_avg_qmap"], _core.qmap("signed"))
+
+
 @pytest.mark.parametrize("pdt", ["bfloat16", "float16"])
 @pytest.mark.parametrize("update", ["nearest", "stochastic", "kahan", "master"])
 def test_16_bit_params_in_every_update_mode_step_like_float32_states(pdt, update, rng):

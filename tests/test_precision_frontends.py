@@ -219,3 +219,101 @@ def test_a_narrower_grad_for_a_float32_param_is_the_grad_widened(gdtype):
         a.step([g])
         b.step([g.astype(np.float32)])
     assert p.tobytes() == q.tobytes()
+
+
+def test_a_grad_may_change_dtype_between_steps():
+    # The reused plan fixed the first grad's dtype; a later grad of another dtype is
+    # planned afresh, and each step equals the grad widened to float32.
+    rng = np.random.default_rng(12)
+    p = rng.standard_normal(300).astype(np.float32)
+    q = p.copy()
+    a, b = cpuadam.AdamW([p], lr=0.01), cpuadam.AdamW([q], lr=0.01)
+    for dtype in (np.float32, np.float16, BF16, np.float16, np.float32):
+        g = rng.standard_normal(300).astype(dtype)
+        a.step([g])
+        b.step([g.astype(np.float32)])
+        assert p.tobytes() == q.tobytes()
+    tp = torch.nn.Parameter(torch.from_numpy(rng.standard_normal(300).astype(np.float32)))
+    tq = torch.nn.Parameter(tp.detach().clone())
+    tp.grad_dtype = None  # torch then takes grads of any dtype for tp
+    c, d = ct.AdamW([tp], lr=0.01), ct.AdamW([tq], lr=0.01)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float32):
+        g = torch.randn(300).to(dtype)
+        tp.grad, tq.grad = g, g.float()
+        c.step()
+        d.step()
+        assert torch.equal(tp, tq)
+
+
+def _ema_run(front: str, mode: str, steps: int = 4):
+    rng = np.random.default_rng(13)
+    init = bf16_round(rng.standard_normal(2048))
+    grads = [bf16_round(rng.standard_normal(2048)) for _ in range(steps)]
+    kw = dict(lr=1e-2, use_ema=True, ema_momentum=0.5, param_update=mode)
+    if front == "numpy":
+        p = init.copy()
+        opt = cpuadam.AdamW([p], **kw)
+        for g in grads:
+            opt.step([g])
+        state = opt.state[0]
+        f32 = lambda x: np.asarray(x).astype(np.float32)  # noqa: E731
+        return opt, p, state, f32
+    p = torch.nn.Parameter(torch.from_numpy(init.astype(np.float32)).to(torch.bfloat16))
+    opt = ct.AdamW([p], **kw)
+    for g in grads:
+        p.grad = torch.from_numpy(g.astype(np.float32)).to(torch.bfloat16)
+        opt.step()
+    return opt, p, opt.state[p], lambda x: x.detach().float().numpy()
+
+
+@pytest.mark.parametrize("mode", ["nearest", "kahan", "master"])
+@pytest.mark.parametrize("front", ["numpy", "torch"])
+def test_finalize_sets_what_the_next_step_reads(mode, front):
+    # After finalize() the weight the step reads (the param, its master, the param plus
+    # its compensation) is the average: a step with lr = 0 then leaves it there.
+    opt, p, state, f32 = _ema_run(front, mode)
+    avg = f32(opt.ema_params()[0]).copy()
+    opt.finalize()
+    assert np.array_equal(f32(p), bf16_round(avg).astype(np.float32))
+    if mode == "master":
+        assert np.array_equal(f32(state["master_param"]), avg)
+    if mode == "kahan":
+        dropped = avg - bf16_round(avg).astype(np.float32)
+        assert np.array_equal(f32(state["kahan_comp"]), bf16_round(dropped).astype(np.float32))
+    value = f32(state["master_param"]) if mode == "master" else \
+        f32(p) + (f32(state["kahan_comp"]) if mode == "kahan" else 0)
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    if front == "numpy":
+        opt.step([np.zeros(2048, BF16)])
+    else:
+        p.grad = torch.zeros(2048, dtype=torch.bfloat16)
+        opt.step()
+    after = f32(state["master_param"]) if mode == "master" else \
+        f32(p) + (f32(state["kahan_comp"]) if mode == "kahan" else 0)
+    assert np.array_equal(after, value)
+    assert np.max(np.abs(value - avg)) <= (np.abs(avg).max() * 2.0**-16 if mode != "nearest"
+                                           else np.abs(avg).max() * 2.0**-8)
+
+
+@pytest.mark.parametrize("mode", ["kahan", "master"])
+@pytest.mark.parametrize("front", ["numpy", "torch"])
+def test_swap_ema_twice_restores_the_weight_and_its_master(mode, front):
+    # The weight: the master, or the param plus its compensation (whose split may differ
+    # where the sum is a tie of the param's dtype, the sum itself may not).
+    opt, p, state, f32 = _ema_run(front, mode)
+    weight = (lambda: f32(state["master_param"])) if mode == "master" else \
+        (lambda: f32(p) + f32(state["kahan_comp"]))
+    before = (f32(p).copy(), weight().copy(), f32(opt.ema_params()[0]).copy())
+    opt.swap_ema()
+    assert np.max(np.abs(weight() - before[2])) <= np.abs(before[2]).max() * 2.0**-16
+    if mode == "master":  # the param is the master rounded, as a step leaves it
+        assert np.array_equal(f32(p), bf16_round(weight()).astype(np.float32))
+    opt.swap_ema()
+    after = (f32(p), weight(), f32(opt.ema_params()[0]))
+    if mode == "master":  # both float32: exchanged exactly
+        assert np.array_equal(before[0], after[0])
+        assert np.array_equal(before[2], after[2])
+    else:  # the average comes back from the pair, good to its ~16 bits
+        assert np.max(np.abs(after[2] - before[2])) <= np.abs(before[2]).max() * 2.0**-16
+    assert np.array_equal(before[1], after[1])

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import subprocess
 import sys
 
@@ -395,6 +396,68 @@ def test_step_hooks_fire_and_a_pre_hook_sees_the_closure():
     assert isinstance(loss, float)
     assert [c[0] for c in calls] == ["pre", "post", "global"]
     assert all(c[1] is opt and c[2] == {"closure": closure} for c in calls)
+
+
+def test_load_state_dict_hooks_see_and_change_what_loads_as_in_torch():
+    """A pre-hook's returned dict is what loads (moments included, checked after the
+    hook); post-hooks run once, with the loaded state in place; both as torch.optim."""
+    def run(cls):
+        torch.manual_seed(0)
+        model = make_model()
+        opt = cls(model.parameters(), lr=1e-2)
+        for batch in itertools.islice(batches(3), 2):
+            opt.zero_grad()
+            backward(model, batch)
+            opt.step()
+        sd = opt.state_dict()
+        seen = []
+
+        def pre(o, state_dict):
+            out = copy.deepcopy(state_dict)
+            for entry in out["state"].values():
+                entry["exp_avg"].zero_()
+            out["param_groups"][0]["lr"] = 0.5
+            return out
+
+        def post(o):
+            seen.append(sum(float(s["exp_avg"].abs().sum()) for s in o.state.values()))
+
+        opt.register_load_state_dict_pre_hook(pre)
+        opt.register_load_state_dict_post_hook(post)
+        opt.load_state_dict(sd)
+        return opt, seen
+
+    ours, seen_ours = run(ct.AdamW)
+    ref, seen_ref = run(torch.optim.AdamW)
+    assert seen_ours == seen_ref == [0.0]
+    assert ours.param_groups[0]["lr"] == ref.param_groups[0]["lr"] == 0.5
+    assert all(float(s["exp_avg"].abs().sum()) == 0 for s in ours.state.values())
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("options", [{}, {"use_ema": True, "gradient_accumulation_steps": 2},
+                                     {"state_dtype": "8bit", "min_8bit_size": 0}])
+def test_a_copied_optimizer_steps_on_as_the_original(how, options):
+    import pickle
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(600))
+    opt = ct.AdamW([p], lr=1e-2, **options)
+    for _ in range(3):
+        p.grad = torch.randn(600)
+        opt.step()
+    twin = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    q = twin.param_groups[0]["params"][0]
+    assert q is not p and torch.equal(q, p)
+    for _ in range(3):
+        g = torch.randn(600)
+        p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        twin.step()
+        assert torch.equal(p, q)
+    assert twin.state_dict().keys() == opt.state_dict().keys()
+    for key, value in opt.state[p].items():
+        assert torch.equal(twin.state[q][key], value), key
 
 
 def test_the_kernel_sees_the_tensors_own_memory(monkeypatch):

@@ -349,10 +349,15 @@ class _Member:
 class _Batch:
     """Params of one group that share a step count, decay, dtypes and state layout."""
 
-    __slots__ = ("gi", "key", "decays", "dtypes", "keys", "members", "lists", "watch", "static")
+    __slots__ = ("gi", "key", "decays", "dtypes", "keys", "tracked", "members", "lists", "watch",
+                 "static")
 
-    def __init__(self, gi: int, key: Any, decays: bool, dtypes: tuple, keys: tuple):
+    def __init__(self, gi: int, key: Any, decays: bool, dtypes: tuple, keys: tuple,
+                 tracked: tuple):
         self.gi, self.key, self.decays, self.dtypes, self.keys = gi, key, decays, dtypes, keys
+        # The state entries a step must find unchanged: keys (the core's buffers), then
+        # entries the core does not read but the plan checked (8-bit code maps).
+        self.tracked = tracked
         self.members: list[_Member] = []
         self.lists: dict[str, list] = {}
         self.watch: _Watch | None = None
@@ -372,7 +377,7 @@ class _Watch:
         self.params = [m.param for m in members]
         self.states = [m.state for m in members]
         self.objs = [(operator.itemgetter(sk), [m.objs[k] for m in members])
-                     for k, sk in enumerate(batch.keys)]
+                     for k, sk in enumerate(batch.tracked)]
         self.ptr_objs = [o for m in members for o in (m.param, *m.objs)] if ptr else []
         self.ptrs = list(map(ptr, self.ptr_objs)) if ptr else []
         self.step_objs = [m.step_obj for m in members]
@@ -507,6 +512,18 @@ class Engine:
         self._checked: dict[int, tuple] = {}
         self._lock = threading.Lock()
 
+    # A copy (copy.deepcopy, pickle) keeps the options and counters; plans, checked groups
+    # and the lock belong to the original's objects and are made afresh.
+    def __getstate__(self) -> dict:
+        out = dict(self.__dict__)
+        for key in ("_plans", "_checked", "_lock"):
+            del out[key]
+        return out
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._plans, self._checked, self._lock = {}, {}, threading.Lock()
+
     # --- groups ---------------------------------------------------------------------------
     def check_group(self, group: dict, where: str) -> None:
         # torch keeps unknown group keys silently; an option of the whole optimizer in a group
@@ -604,14 +621,22 @@ class Engine:
         key = self._plan_key(groups, grads, targets)
         plans = self._plans
         plan = plans.get(key)
-        batches = None
+        result = None
         if plan is not None:
             batches = self._gather(plan, groups, state, grads, live=True, amp_scale=amp_scale)
-        if batches is None:
+            if batches is not None:
+                try:
+                    result = self.rule.core_step(batches, global_clipnorm=opts.global_clipnorm,
+                                                 skip_nonfinite=opts.skip_nonfinite)
+                except TypeError:
+                    # The plan fixes each batch's grad dtype; a grad that changed dtype
+                    # (refused before anything was written) is planned afresh below.
+                    result = None
+        if result is None:
             plan = self._make_plan(key, groups, state, grads, skeys, targets)
             batches = self._gather(plan, groups, state, grads, live=False, amp_scale=amp_scale)
-        result = self.rule.core_step(batches, global_clipnorm=opts.global_clipnorm,
-                                     skip_nonfinite=opts.skip_nonfinite)
+            result = self.rule.core_step(batches, global_clipnorm=opts.global_clipnorm,
+                                         skip_nonfinite=opts.skip_nonfinite)
         if isinstance(opts.loss_scale_factor, DynamicLossScale):
             opts.loss_scale_factor.update(result["finite"])
         if not result["applied"]:
@@ -726,6 +751,18 @@ class Engine:
                             dtype = sdtype if sk in QUANT_MAPS else self.buffer_dtype(sk, pdtype)
                             st[sk] = adapter.new_buffer(p, dtype, fill=fill)
                     plan.pending[skey] = st
+                tracked = wanted
+                if sdtype == "8bit":
+                    tracked = wanted + [sk + "_qmap" for sk in keys]
+                    for sk in keys:
+                        qmap = st.get(sk + "_qmap")
+                        if qmap is None:  # a checkpoint without it: the map is always the same
+                            st = plan.pending[skey] = dict(st)
+                            st[sk + "_qmap"] = adapter.from_numpy(_core.qmap(QUANT_MAPS[sk]))
+                        elif not is_own_qmap(qmap, sk):
+                            raise ValueError(f"{sk}_qmap of {name} is not cpuadam's "
+                                             f"{QUANT_MAPS[sk]} dynamic map, the only map its "
+                                             "8-bit step decodes with")
                 if rule.counts_steps:
                     if "step" not in st:
                         raise ValueError(f"state of {name} has moments but no 'step'")
@@ -737,8 +774,8 @@ class Engine:
                 batch = by_key.get((bkey, decays, dtypes))
                 if batch is None:
                     batch = by_key[(bkey, decays, dtypes)] = _Batch(gi, bkey, decays, dtypes,
-                                                                   tuple(wanted))
-                objs = tuple(st[sk] for sk in wanted)
+                                                                   tuple(wanted), tuple(tracked))
+                objs = tuple(st[sk] for sk in tracked)
                 batch.members.append(_Member(k, gi, pi, skey, p, st, objs))
             plan.batches.extend(by_key.values())
         for batch in plan.batches:
@@ -904,7 +941,7 @@ class Engine:
             for _, skey, p in plan.ema_only:  # averaged at their unchanged value, as Keras does
                 avg = adapter.view(state[skey]["ema"], "ema")
                 avg *= momentum
-                avg += (1.0 - momentum) * adapter.float32_of(p)
+                avg += (1.0 - momentum) * self._value_of(p, state[skey])
         if opts.gradient_accumulation_steps > 1:
             for skey in plan.accumulators_left:  # no grad this call: the window restarts anyway
                 adapter.view(state[skey]["grad_accum"], "grad_accum").fill(0)
@@ -993,16 +1030,49 @@ class Engine:
         if not self.options.use_ema:
             return
         params = [p for g in groups for p in g["params"]]
-        for p, avg in zip(params, self.ema_params(groups, state, skeys)):
+        for p, skey, avg in zip(params, skeys, self.ema_params(groups, state, skeys)):
             if avg is not None:
-                self.adapter.assign(p, avg)
+                self._set_value(p, state[skey], avg)
 
     def swap_ema(self, groups: list[dict], state: Any, skeys: list) -> None:
         """Exchanges params and their moving averages, e.g. around an evaluation."""
         params = [p for g in groups for p in g["params"]]
-        for p, avg in zip(params, self.ema_params(groups, state, skeys)):
-            if avg is not None:
+        for p, skey, avg in zip(params, skeys, self.ema_params(groups, state, skeys)):
+            if avg is None:
+                continue
+            st = state[skey]
+            if st.get("master_param") is None and st.get("kahan_comp") is None:
                 self.adapter.swap(p, avg)
+                continue
+            value = self.adapter.from_numpy(self._value_of(p, st))
+            self._set_value(p, st, avg)
+            self.adapter.assign(avg, value)
+
+    def _value_of(self, p: Any, st: dict | None) -> np.ndarray:
+        """The float32 value the step reads for param p: its master, or the param plus its
+        Kahan compensation, or the param itself."""
+        adapter = self.adapter
+        if st and st.get("master_param") is not None:
+            return adapter.float32_of(st["master_param"])
+        value = adapter.float32_of(p)
+        if st and st.get("kahan_comp") is not None:
+            value += adapter.float32_of(st["kahan_comp"])
+        return value
+
+    def _set_value(self, p: Any, st: dict, value: Any) -> None:
+        """Sets param p to the float32 buffer value as the step would leave it: the master
+        (if any) to value, p to value rounded to p's dtype, the Kahan compensation (if any)
+        to what that rounding dropped (0 where the rounded value is not finite)."""
+        adapter = self.adapter
+        if st.get("master_param") is not None:
+            adapter.assign(st["master_param"], value)
+        adapter.assign(p, value)
+        if st.get("kahan_comp") is not None:
+            stored = adapter.float32_of(p)
+            with np.errstate(invalid="ignore"):
+                dropped = np.where(np.isfinite(stored), adapter.float32_of(value) - stored,
+                                   np.float32(0))
+            adapter.assign(st["kahan_comp"], adapter.from_numpy(dropped.astype(np.float32)))
 
     # --- checkpoints ---------------------------------------------------------------------------
     def extra_state(self) -> dict:
@@ -1119,10 +1189,17 @@ class Engine:
             if arr.shape != (blocks,):
                 raise ValueError(f"loaded state '{key}' for {name} has shape {tuple(arr.shape)}, "
                                  f"expected ({blocks},): one absmax per block of {QUANT_BLOCK}")
-        elif not np.array_equal(_values_of(entry[key]), _core.qmap(QUANT_MAPS[moment])):
+        elif not is_own_qmap(entry[key], moment):
             raise ValueError(f"loaded state '{key}' for {name} is not cpuadam's "
                              f"{QUANT_MAPS[moment]} dynamic map: convert the checkpoint with "
                              "cpuadam.dequantize_state first")
+
+
+def is_own_qmap(obj: Any, moment: str) -> bool:
+    """Whether obj holds exactly cpuadam's code map for moment (256 float32 values)."""
+    values = _values_of(obj)
+    return values.dtype == np.float32 and values.size == 256 and \
+        np.array_equal(values.reshape(-1), _core.qmap(QUANT_MAPS[moment]))
 
 
 def _values_of(obj: Any) -> np.ndarray:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Callable
 
 import numpy as np
@@ -253,6 +254,14 @@ class _CoreOptimizer(EngineUser, Optimizer):
         super().__init__(params, defaults)
         self._engine.check_mask_length()
 
+    def __getstate__(self) -> dict:
+        # torch.optim's copy keeps defaults, state and groups; the engine (options and
+        # counters) comes along, so a deep copy or an unpickled optimizer steps on.
+        out = super().__getstate__()
+        out["_engine"] = self._engine
+        out["torch_path"] = self.torch_path
+        return out
+
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
@@ -291,8 +300,18 @@ class _CoreOptimizer(EngineUser, Optimizer):
         naming the key and leaves the optimizer as it was.
 
         Groups are taken as saved: a checkpoint written with ``capturable=True``
-        (a CUDA-graph setting) loads and the flag is ignored here.
+        (a CUDA-graph setting) loads and the flag is ignored here. As in torch.optim,
+        load_state_dict pre-hooks see the dict first (what they return is what loads) and
+        post-hooks run once the optimizer holds the loaded state.
         """
+        pre_hooks = self._optimizer_load_state_dict_pre_hooks
+        post_hooks = self._optimizer_load_state_dict_post_hooks
+        if isinstance(state_dict, dict):
+            state_dict = state_dict.copy()
+            for hook in list(pre_hooks.values()):
+                result = hook(self, state_dict)
+                if result is not None:
+                    state_dict = result
         if not isinstance(state_dict, dict) or "state" not in state_dict or \
                 "param_groups" not in state_dict:
             raise ValueError("state_dict must be a dict with 'state' and 'param_groups'")
@@ -322,11 +341,18 @@ class _CoreOptimizer(EngineUser, Optimizer):
                                  f"not have one entry per param ({len(saved['params'])})")
         apply_extra = self._engine.load_extra_state(state_dict)
         old_state, old_groups = self.state, self.param_groups
+        # torch's load below must not run the hooks again (the pre-hooks ran above; the
+        # post-hooks run at the end, after the engine's casts).
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
         try:
             super().load_state_dict(state_dict)
         except Exception:
             self.state, self.param_groups = old_state, old_groups
             raise
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            self._optimizer_load_state_dict_post_hooks = post_hooks
         # torch.optim casts every floating-point state tensor to its param's dtype; the
         # engine's buffers take the dtype it steps them in, cast from the saved values
         # (float32 moments or master copies of bfloat16 params keep their precision), and
@@ -349,6 +375,8 @@ class _CoreOptimizer(EngineUser, Optimizer):
                                                      copy=True).contiguous()
         apply_extra()
         engine.forget_plans()
+        for hook in list(post_hooks.values()):
+            hook(self)
 
     # --- the step ---------------------------------------------------------------------------
     def _patch_step_function(self) -> None:
