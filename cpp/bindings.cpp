@@ -134,9 +134,14 @@ py::array check_buffer(py::handle obj, const Namer& namer, const char* what, siz
     throw py::type_error(namer.of(what, i) + ": expected a numpy.ndarray, got " +
                          std::string(py::str(py::type::of(obj).attr("__name__"))));
   py::array a = py::reinterpret_borrow<py::array>(obj);
-  if (!has_dtype(a, dtype))
+  if (!has_dtype(a, dtype)) {
+    const auto* descr = py::detail::array_descriptor_proxy(py::detail::array_proxy(a.ptr())->descr);
+    const bool bits = descr->type_num == py::detail::npy_api::NPY_USHORT_ ||
+                      descr->type_num == py::detail::npy_api::NPY_SHORT_;
     throw py::type_error(namer.of(what, i) + ": expected " + expected_array(dtype) + ", got " +
-                         std::string(py::str(a.dtype())));
+                         std::string(py::str(a.dtype())) +
+                         (bits ? " (16-bit integers: how a bfloat16 tensor's bits arrive)" : ""));
+  }
   if (!(a.flags() & py::array::c_style))
     throw py::value_error(namer.of(what, i) + ": expected a C-contiguous array");
   if (reinterpret_cast<uintptr_t>(a.data()) % a.itemsize() != 0)

@@ -492,16 +492,21 @@ def rejection_cases():
         ("param", base(params=[f32()]), TypeError, f"params[0] in group 0: {bf16_msg}"),
         ("grad", base(grads=[f32()]), TypeError, f"grad of params[0] in group 0: {bf16_msg}"),
         ("grad_f16", base(grad_dtype="float16"), TypeError,
-         "grad of params[0] in group 0: expected a float16 array, got uint16"),
+         "grad of params[0] in group 0: expected a float16 array, got uint16 "
+         "(16-bit integers: how a bfloat16 tensor's bits arrive)"),
         ("state", base(state_dtype="bfloat16"), TypeError, f"exp_avg of params[0] in group 0: {bf16_msg}"),
         ("state_f32", base(exp_avg_sqs=[u16()]), TypeError,
-         "exp_avg_sq of params[0] in group 0: expected a float32 array, got uint16"),
+         "exp_avg_sq of params[0] in group 0: expected a float32 array, got uint16 "
+         "(16-bit integers: how a bfloat16 tensor's bits arrive)"),
         ("grad_accum", base(grad_accums=[u16()]), TypeError,
-         "grad_accum of params[0] in group 0: expected a float32 array, got uint16"),
+         "grad_accum of params[0] in group 0: expected a float32 array, got uint16 "
+         "(16-bit integers: how a bfloat16 tensor's bits arrive)"),
         ("ema", base(emas=[u16()], ema_momentum=0.9), TypeError,
-         "ema of params[0] in group 0: expected a float32 array, got uint16"),
+         "ema of params[0] in group 0: expected a float32 array, got uint16 "
+         "(16-bit integers: how a bfloat16 tensor's bits arrive)"),
         ("master", base(param_update="master", masters=[u16()]), TypeError,
-         "master of params[0] in group 0: expected a float32 array, got uint16"),
+         "master of params[0] in group 0: expected a float32 array, got uint16 "
+         "(16-bit integers: how a bfloat16 tensor's bits arrive)"),
         ("kahan_comp", base(param_update="kahan", kahan_comps=[f32()]), TypeError,
          f"kahan_comp of params[0] in group 0: {bf16_msg}"),
         ("unknown_param_dtype", base(param_dtype="bf16"), ValueError, "invalid param_dtype in group 0: 'bf16'"),

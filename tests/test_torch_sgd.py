@@ -188,6 +188,26 @@ def test_state_dict_has_torchs_layout(momentum):
         assert (type(mine), mine.dtype, mine.shape) == (type(value), value.dtype, value.shape)
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_params_on_torchs_path_keep_torchs_state_entries(momentum):
+    # A float64 param and a sparse grad take torch.optim's own SGD; without momentum it
+    # keeps no state for them, and neither do we.
+    states = []
+    for cls in (torch.optim.SGD, ct.SGD):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+        emb = torch.nn.Embedding(5, 2, sparse=True)
+        opt = cls([p, *emb.parameters()], lr=0.1, momentum=momentum)
+        (p.sum() + emb(torch.tensor([1])).sum()).backward()
+        opt.step()
+        states.append(opt.state_dict()["state"])
+    assert states[1].keys() == states[0].keys()
+    for index, entry in states[0].items():
+        assert states[1][index].keys() == entry.keys()
+        for key, value in entry.items():
+            assert torch.equal(states[1][index][key].to_dense(), value.to_dense())
+
+
 @pytest.mark.parametrize("direction", ["torch_to_cpuadam", "cpuadam_to_torch"])
 def test_checkpoints_load_across_and_training_continues_identically(direction):
     to_cpuadam = direction == "torch_to_cpuadam"

@@ -733,7 +733,8 @@ class SGD(_CoreOptimizer):
     def _torch_update(self, group: dict, params: list, grads: list) -> None:
         from torch.optim.sgd import sgd as torch_sgd
 
-        momentum_buffers = [self.state[p].get("momentum_buffer") for p in params]
+        # state.get: a defaultdict's [] would leave an empty entry torch.optim.SGD does not.
+        momentum_buffers = [self.state.get(p, {}).get("momentum_buffer") for p in params]
         torch_sgd(params, grads, momentum_buffers, weight_decay=group["weight_decay"],
                   momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
                   nesterov=group["nesterov"], maximize=group["maximize"],
