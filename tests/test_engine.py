@@ -472,3 +472,80 @@ def test_an_optimizer_wide_option_in_a_param_group_is_refused_not_ignored(fronte
     with pytest.raises(ValueError, match=f"{key} in group 1 is an option of the whole optimizer"):
         opt.add_param_group({"params": [param()], key: value})
     assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("saved", ["float64", "float16", "bfloat16"])
+def test_numpy_moments_of_another_dtype_load_in_the_dtype_the_step_uses(saved):
+    # As the torch front-end loads them: cast to the optimizer's state dtype, then the
+    # steps go on as from those cast values.
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    dtype = np.dtype(ml_dtypes.bfloat16) if saved == "bfloat16" else np.dtype(saved)
+    rng = np.random.default_rng(21)
+    p = rng.standard_normal(50).astype(np.float32)
+    sd = {"state": {0: {"step": 3, "exp_avg": (0.1 * rng.standard_normal(50)).astype(dtype),
+                        "exp_avg_sq": (0.01 * rng.random(50)).astype(dtype)}},
+          "param_groups": [{"params": [0], "lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8,
+                            "weight_decay": 0.01, "amsgrad": False, "maximize": False}]}
+    cast = copy.deepcopy(sd)
+    for key in ("exp_avg", "exp_avg_sq"):
+        cast["state"][0][key] = cast["state"][0][key].astype(np.float32)
+    a, b = p.copy(), p.copy()
+    oa, ob = cpuadam.AdamW([a]), cpuadam.AdamW([b])
+    oa.load_state_dict(sd)
+    ob.load_state_dict(cast)
+    assert oa.state[0]["exp_avg"].dtype == np.float32
+    for _ in range(2):
+        g = rng.standard_normal(50).astype(np.float32)
+        oa.step([g])
+        ob.step([g])
+    assert a.tobytes() == b.tobytes()
+
+
+def test_an_accumulated_grad_of_a_bad_dtype_is_named_as_without_accumulation():
+    for k in (1, 3):
+        params = [np.ones(4, np.float32), np.ones(4, np.float32)]
+        opt = cpuadam.AdamW(params, gradient_accumulation_steps=k)
+        with pytest.raises(TypeError, match=r"^grad of params\[1\] in group 0: expected a float32 "
+                                            r"array, got float64$"):
+            opt.step([np.ones(4, np.float32), np.ones(4, np.float64)])
+        assert all(np.all(p == 1) for p in params)
+
+
+@pytest.mark.parametrize("front", ["numpy", "torch"])
+@pytest.mark.parametrize("edit,match", [
+    (lambda st: st.__setitem__("step", -1), r"'step' of params\[0\] in group 0 is -1"),
+    (lambda st: st.__setitem__("step", 2.5), r"'step' of params\[0\] in group 0 is 2.5"),
+    (lambda st: st.pop("exp_avg_sq"), r"state for params\[0\] in group 0 has only one of"),
+])
+def test_live_state_a_checkpoint_could_not_hold_is_refused_by_the_step(front, edit, match):
+    if front == "numpy":
+        p = np.ones(4, np.float32)
+        opt = cpuadam.AdamW([p], lr=0.1)
+        step = lambda: opt.step([np.ones(4, np.float32)])  # noqa: E731
+    else:
+        p = torch.nn.Parameter(torch.ones(4))
+        opt = ct.AdamW([p], lr=0.1)
+
+        def step():
+            p.grad = torch.ones(4)
+            opt.step()
+    for _ in range(2):
+        step()
+    st = opt.state[0] if front == "numpy" else opt.state[p]
+    if front == "torch" and "step" in match:
+        edit = (lambda st, v=(-1.0 if "-1" in match else 2.5): st.__setitem__("step", torch.tensor(v)))
+    edit(st)
+    values = (lambda: p.detach().numpy().copy()) if front == "torch" else (lambda: p.copy())
+    before = values()
+    with pytest.raises(ValueError, match=match):
+        step()
+    assert np.array_equal(values(), before)
+
+
+def test_a_misspelled_option_names_the_optimizer():
+    for make in (lambda: cpuadam.AdamW([np.ones(3, np.float32)], clip_norm=1.0),
+                 lambda: cpuadam.SGD([np.ones(3, np.float32)], clip_norm=1.0),
+                 lambda: ct.AdamW([torch.nn.Parameter(torch.ones(3))], clip_norm=1.0)):
+        with pytest.raises(TypeError, match=r"^(AdamW|SGD)\(\) got an unexpected keyword argument "
+                                            r"'clip_norm'$"):
+            make()

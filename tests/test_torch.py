@@ -685,6 +685,30 @@ def test_step_in_backward_stops_after_remove():
     assert all(s["step"].item() == 1 for s in handle.optimizer.state.values())
 
 
+@pytest.mark.parametrize("options,match", [
+    ({"global_clipnorm": 1.0}, "global_clipnorm does not combine with stepping in backward"),
+    ({"skip_nonfinite": True}, r"skip_nonfinite \(on by default with a loss_scale_factor\) does not"),
+    ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps does not combine"),
+    ({"loss_scale_factor": ct.DynamicLossScale()}, "DynamicLossScale loss_scale_factor does not"),
+])
+def test_step_in_backward_refuses_options_that_need_the_whole_step(options, match):
+    with pytest.raises(ValueError, match=match):
+        ct.step_in_backward(make_model(), **options)
+    # A constant loss scale divides each grad on its own; its default skip must be off.
+    with pytest.raises(ValueError, match=r"skip_nonfinite \(on by default with a loss_scale_factor\)"):
+        ct.step_in_backward(make_model(), loss_scale_factor=4.0)
+    ct.step_in_backward(make_model(), loss_scale_factor=4.0, skip_nonfinite=False).remove()
+
+
+def test_step_in_backward_refuses_a_param_torch_would_step_before_any_backward():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2).double())
+    with pytest.raises(ValueError, match=r"params\[2\] in group 0 would take torch.optim's own "
+                                         r"step \(dtype torch.float64\)"):
+        ct.step_in_backward(model)
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters()
+               if getattr(p, "_post_accumulate_grad_hooks", None) is not None)
+
+
 def test_step_in_backward_needs_a_cpuadam_optimizer():
     with pytest.raises(TypeError, match="optimizer_class must be cpuadam.torch.AdamW"):
         ct.step_in_backward(make_model(), optimizer_class=torch.optim.AdamW)

@@ -328,6 +328,15 @@ class Options:
 OPTION_NAMES = frozenset(inspect.signature(Options.__init__).parameters) - {"self"}
 
 
+def make_options(owner: str, options: dict) -> Options:
+    """Options from an optimizer's keyword arguments; an unknown one is a TypeError
+    naming the optimizer, as for any function."""
+    for name in options:
+        if name not in OPTION_NAMES:
+            raise TypeError(f"{owner}() got an unexpected keyword argument '{name}'")
+    return Options(**options)
+
+
 # --- the plan -----------------------------------------------------------------------------
 
 _STEP = operator.itemgetter("step")
@@ -611,9 +620,8 @@ class Engine:
         opts = self.options
         self.check_groups(groups)
         accumulating = opts.gradient_accumulation_steps > 1
-        if targets is not None and accumulating:
-            raise ValueError("gradient_accumulation_steps does not combine with stepping in "
-                             "backward: each backward is one step")
+        if targets is not None:
+            self.check_stepwise()
         if accumulating and self.accumulated_calls + 1 < opts.gradient_accumulation_steps:
             self._accumulate(groups, state, grads, skeys)
             self.accumulated_calls += 1
@@ -658,6 +666,22 @@ class Engine:
                 tuple((id(g["params"]), len(g["params"]), self.rule.state_keys(g),
                        tuple(g.get("decay_mask", ()))) for g in groups))
 
+    def check_stepwise(self) -> None:
+        """Refuses the options that need every grad of a step at once, for stepping each
+        param on its own as its grad arrives (a step in backward)."""
+        opts = self.options
+        needs_all = [("gradient_accumulation_steps", opts.gradient_accumulation_steps > 1),
+                     ("global_clipnorm", opts.global_clipnorm is not None),
+                     ("a DynamicLossScale loss_scale_factor",
+                      isinstance(opts.loss_scale_factor, DynamicLossScale)),
+                     ("skip_nonfinite (on by default with a loss_scale_factor)",
+                      bool(opts.skip_nonfinite))]
+        for name, on in needs_all:
+            if on:
+                raise ValueError(f"{name} does not combine with stepping in backward: it needs "
+                                 "every grad of a step at once, and each param steps on its own "
+                                 "as its grad arrives")
+
     def forget_plans(self) -> None:
         """Drops every plan (groups added, state loaded): the next step plans afresh."""
         self._plans.clear()
@@ -679,6 +703,15 @@ class Engine:
         if key.endswith(("_absmax", "_qmap")):
             return "float32"
         return self._state_dtype(param_dtype)
+
+    def loaded_dtype(self, key: str, saved_dtype: str, param_dtype: str) -> str:
+        """The dtype a loaded state buffer takes: 8-bit codes stay uint8; every other
+        buffer the dtype the step uses it in (a float moment loaded into an 8-bit
+        optimizer stays float32 until the next step quantizes it)."""
+        if saved_dtype == "uint8":
+            return "uint8"
+        name = self.buffer_dtype(key, param_dtype)
+        return "float32" if name == "8bit" else name
 
     def _param_update(self, param_dtype: str) -> str:
         return "nearest" if param_dtype == "float32" else self.options.param_update
@@ -714,6 +747,8 @@ class Engine:
                         plan.accumulators_left.append(skey)
                     continue
                 name = param_name(gi, pi)
+                if st and rule.counts_steps:
+                    check_adam_state(st, name, "")  # edited live: refused as a load would be
                 pdtype = adapter.dtype_name(p)
                 if pdtype not in KERNEL_DTYPES:
                     adapter.view(p, name)  # raises the front-end's error for this param
@@ -996,8 +1031,8 @@ class Engine:
                 gdtype = adapter.dtype_name(g)
                 batch = batches.setdefault((gi, gdtype), {"grads": [], "grad_accums": [],
                                                           "group": gi, "indices": []})
-                if gdtype != "float32":
-                    batch["grad_dtype"] = gdtype
+                if gdtype != "float32" and gdtype in KERNEL_DTYPES:
+                    batch["grad_dtype"] = gdtype  # any other: the core names the grad it refuses
                 batch["grads"].append(g if adapter.grads_as_given else adapter.grad_view(g, p, gi, pi))
                 batch["grad_accums"].append(adapter.view(acc, f"grad_accum of {name}"))
                 batch["indices"].append(pi)
@@ -1132,17 +1167,10 @@ class Engine:
         if not isinstance(entry, dict):
             raise ValueError(f"loaded state for {name} must be a dict, got {type(entry).__name__}")
         if self.rule.counts_steps:
-            has_moments = any(k in entry for k in ("exp_avg", "exp_avg_sq"))
-            if has_moments and not all(k in entry for k in ("exp_avg", "exp_avg_sq")):
-                raise ValueError(f"loaded state for {name} has only one of 'exp_avg' and "
-                                 "'exp_avg_sq'")
-            if has_moments and "step" not in entry:
-                raise ValueError(f"loaded state for {name} has moments but no 'step'")
+            check_adam_state(entry, name, "loaded ")
             if "momentum_buffer" in entry:
                 raise ValueError(f"loaded state for {name} has a 'momentum_buffer': a checkpoint "
                                  "of SGD cannot be loaded into Adam/AdamW")
-            if "step" in entry:
-                check_step_value(entry["step"], f"'step' of {name}")
         elif "exp_avg" in entry or "step" in entry:
             raise ValueError(f"loaded state for {name} has Adam's entries ('step'/'exp_avg'): "
                              "a checkpoint of Adam cannot be loaded into SGD")
@@ -1226,23 +1254,35 @@ def dequantize_moment(entry: dict, key: str, view: Callable = np.asarray) -> np.
     return (qmap[codes] * scale).astype(np.float32)
 
 
-def check_step_value(value: Any, name: str) -> int:
-    """A checkpoint's step count: an integral, finite, non-negative number below 2**53."""
+def check_step_value(value: Any, name: str, where: str = "loaded ") -> int:
+    """A step count (where: "loaded " in a checkpoint, "" in live state): an integral,
+    finite, non-negative number below 2**53."""
     numel = getattr(value, "numel", None)
     if callable(numel):
         if numel() != 1:
-            raise ValueError(f"loaded {name} must hold one number")
+            raise ValueError(f"{where}{name} must hold one number")
         value = value.item()
     elif isinstance(value, np.ndarray):
         if value.size != 1:
-            raise ValueError(f"loaded {name} must hold one number")
+            raise ValueError(f"{where}{name} must hold one number")
         value = value.reshape(()).item()
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"loaded {name} must be a number, got {type(value).__name__}")
+        raise ValueError(f"{where}{name} must be a number, got {type(value).__name__}")
     v = float(value)
     if not math.isfinite(v) or v < 0 or v != math.floor(v) or v >= 2.0**53:
-        raise ValueError(f"loaded {name} is {value!r}; expected a whole number in [0, 2**53)")
+        raise ValueError(f"{where}{name} is {value!r}; expected a whole number in [0, 2**53)")
     return int(v)
+
+
+def check_adam_state(entry: dict, name: str, where: str) -> int | None:
+    """An Adam state's moments and step (where: "loaded " in a checkpoint, "" in live
+    state): both moments or neither, a step with them; returns the step (None: none)."""
+    has_moments = any(entry.get(k) is not None for k in ("exp_avg", "exp_avg_sq"))
+    if has_moments and not all(entry.get(k) is not None for k in ("exp_avg", "exp_avg_sq")):
+        raise ValueError(f"{where}state for {name} has only one of 'exp_avg' and 'exp_avg_sq'")
+    if has_moments and "step" not in entry:
+        raise ValueError(f"{where}state for {name} has moments but no 'step'")
+    return check_step_value(entry["step"], f"'step' of {name}", where) if "step" in entry else None
 
 
 # --- conversions of checkpoints between 8-bit and float32 states ---------------------------

@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from cpuadam._engine import (Adapter, DynamicLossScale, Engine, EngineUser, Options,
-                             check_step_value)
+                             check_step_value, make_options)
 from cpuadam._groups import (
     buffer_like,
     check_disjoint,
@@ -188,9 +188,9 @@ class Optimizer:
         self.state = new_state
         apply_extra()
 
-    @staticmethod
-    def _load_param_state(entry: dict, param: np.ndarray) -> dict:
+    def _load_param_state(self, entry: dict, param: np.ndarray) -> dict:
         out: dict = {}
+        pdtype = self._engine.adapter.dtype_name(param)
         for key, value in entry.items():
             if key == "step":
                 out[key] = check_step_value(value, "'step'")
@@ -198,8 +198,9 @@ class Optimizer:
                 arr = np.asarray(value)
                 if key.endswith(("_absmax", "_qmap")):  # 8-bit states: not of the param's shape
                     out[key] = np.array(arr, dtype=np.float32, order="C")
-                else:
-                    out[key] = buffer_like(param, arr, dtype=arr.dtype.name)
+                else:  # in the dtype the step uses it in, as the torch front-end loads it
+                    dtype = self._engine.loaded_dtype(key, arr.dtype.name, pdtype)
+                    out[key] = buffer_like(param, arr, dtype=dtype)
         return out
 
 
@@ -207,7 +208,7 @@ class _FusedOptimizer(EngineUser, Optimizer):
     """The NumPy side of the engine: grads in, one engine step per call."""
 
     def __init__(self, params: Any, defaults: dict, **options: Any):
-        super().__init__(params, defaults, Options(**options))
+        super().__init__(params, defaults, make_options(type(self).__name__, options))
 
     def step(self, grads: Iterable[np.ndarray | None]) -> None:
         """Applies one update to every param whose grad is not None.

@@ -12,8 +12,8 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from cpuadam import _core  # noqa: F401  (tests watch its calls)
-from cpuadam._engine import (Adapter, Engine, EngineUser, Options, check_step_value,
-                             param_name)
+from cpuadam._engine import (Adapter, Engine, EngineUser, check_step_value,
+                             make_options, param_name)
 from cpuadam.optim import ADAM_RECURRENCE, DynamicLossScale
 
 __all__ = ["Adam", "AdamW", "SGD", "DynamicLossScale", "StepInBackward", "step_in_backward"]
@@ -243,7 +243,7 @@ class _CoreOptimizer(EngineUser, Optimizer):
 
     def __init__(self, params: Any, defaults: dict, options: dict):
         _check_flags(defaults, "")
-        opts = Options(**{"state_dtype": None, **options})
+        opts = make_options(type(self).__name__, {"state_dtype": None, **options})
         self._engine = Engine(self._RULE, opts, _TorchAdapter(self._RULE == "adam"))
         #: Params stepped by torch.optim's implementation at the last step, with the reason.
         self.torch_path: dict[str, str] = {}
@@ -367,10 +367,8 @@ class _CoreOptimizer(EngineUser, Optimizer):
             for key in _BUFFERS + _QUANT_BUFFERS:
                 value = entry.get(key)
                 if isinstance(value, torch.Tensor):
-                    # 8-bit codes stay uint8; a float moment loaded into an 8-bit optimizer
-                    # stays float32 until the next step quantizes it.
-                    name = "uint8" if value.dtype is torch.uint8 else engine.buffer_dtype(key, pdtype)
-                    dtype = _TORCH_DTYPES.get(name, torch.float32)
+                    saved = "uint8" if value.dtype is torch.uint8 else "float"
+                    dtype = _TORCH_DTYPES[engine.loaded_dtype(key, saved, pdtype)]
                     p_state[key] = value.detach().to(device="cpu", dtype=dtype,
                                                      copy=True).contiguous()
         apply_extra()
@@ -831,7 +829,12 @@ def step_in_backward(model_or_params: Any, optimizer_class: type = AdamW,
     are made at each param's first update, as torch's are. Each backward is one step, so grads
     cannot be accumulated over several backward passes, and the optimizer's
     step hooks do not fire. Not for use
-    under DistributedDataParallel, whose grads are averaged after this hook.
+    under DistributedDataParallel, whose grads are averaged after this hook, nor
+    with a GradScaler (the scale would not be divided out). Options that need
+    every grad of a step at once (``global_clipnorm``, ``skip_nonfinite``,
+    ``gradient_accumulation_steps``, a :class:`DynamicLossScale`) and params that
+    would take torch.optim's own step (float64, complex, non-contiguous,
+    ``differentiable=True``) are refused with ValueError when the handle is made.
 
     Example:
         >>> import torch
@@ -850,6 +853,14 @@ def step_in_backward(model_or_params: Any, optimizer_class: type = AdamW,
     else:
         params = model_or_params
     optimizer = optimizer_class(params, **hparams)
+    optimizer._engine.check_stepwise()
+    for gi, group in enumerate(optimizer.param_groups):
+        for pi, p in enumerate(group["params"]):
+            reason = _torch_path_reason(p, p, group) if p.requires_grad else None
+            if reason is not None:
+                raise ValueError(f"{param_name(gi, pi)} would take torch.optim's own step "
+                                 f"({reason}), which step_in_backward does not run: give it to "
+                                 "an ordinary optimizer")
     handle = StepInBackward(optimizer, [])
     for group in optimizer.param_groups:
         for p in group["params"]:
