@@ -474,12 +474,13 @@ def test_an_optimizer_wide_option_in_a_param_group_is_refused_not_ignored(fronte
     assert len(opt.param_groups) == 1
 
 
-@pytest.mark.parametrize("saved", ["float64", "float16", "bfloat16"])
+@pytest.mark.parametrize("saved", ["float64", "float16", "bfloat16", "bfloat16 bits"])
 def test_numpy_moments_of_another_dtype_load_in_the_dtype_the_step_uses(saved):
     # As the torch front-end loads them: cast to the optimizer's state dtype, then the
-    # steps go on as from those cast values.
+    # steps go on as from those cast values. 16-bit integers are bfloat16 bits, as a
+    # torch bfloat16 tensor's NumPy view holds them.
     ml_dtypes = pytest.importorskip("ml_dtypes")
-    dtype = np.dtype(ml_dtypes.bfloat16) if saved == "bfloat16" else np.dtype(saved)
+    dtype = np.dtype(ml_dtypes.bfloat16) if saved.startswith("bfloat16") else np.dtype(saved)
     rng = np.random.default_rng(21)
     p = rng.standard_normal(50).astype(np.float32)
     sd = {"state": {0: {"step": 3, "exp_avg": (0.1 * rng.standard_normal(50)).astype(dtype),
@@ -489,6 +490,8 @@ def test_numpy_moments_of_another_dtype_load_in_the_dtype_the_step_uses(saved):
     cast = copy.deepcopy(sd)
     for key in ("exp_avg", "exp_avg_sq"):
         cast["state"][0][key] = cast["state"][0][key].astype(np.float32)
+        if saved == "bfloat16 bits":
+            sd["state"][0][key] = sd["state"][0][key].view(np.uint16)
     a, b = p.copy(), p.copy()
     oa, ob = cpuadam.AdamW([a]), cpuadam.AdamW([b])
     oa.load_state_dict(sd)

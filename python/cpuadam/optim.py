@@ -15,6 +15,7 @@ from cpuadam._groups import (
     check_disjoint,
     check_param_array,
     normalise_groups,
+    numpy_dtype,
     param_name,
     split_names,
 )
@@ -199,6 +200,8 @@ class Optimizer:
                 if key.endswith(("_absmax", "_qmap")):  # 8-bit states: not of the param's shape
                     out[key] = np.array(arr, dtype=np.float32, order="C")
                 else:  # in the dtype the step uses it in, as the torch front-end loads it
+                    if arr.dtype.kind in "ui" and arr.itemsize == 2:  # bfloat16 bits
+                        arr = arr.view(numpy_dtype("bfloat16", arr.dtype))
                     dtype = self._engine.loaded_dtype(key, arr.dtype.name, pdtype)
                     out[key] = buffer_like(param, arr, dtype=dtype)
         return out
