@@ -707,6 +707,11 @@ def test_step_in_backward_refuses_a_param_torch_would_step_before_any_backward()
         ct.step_in_backward(model)
     assert all(not p._post_accumulate_grad_hooks for p in model.parameters()
                if getattr(p, "_post_accumulate_grad_hooks", None) is not None)
+    for cls in (ct.AdamW, ct.SGD):
+        with pytest.raises(ValueError, match=r"params\[0\] in group 0 would take torch.optim's "
+                                             r"own step \(sparse grad\)"):
+            ct.step_in_backward(torch.nn.Embedding(5, 2, sparse=True), optimizer_class=cls, lr=0.1)
+    ct.step_in_backward(torch.nn.Embedding(5, 2), optimizer_class=ct.SGD, lr=0.1).remove()
 
 
 def test_step_in_backward_needs_a_cpuadam_optimizer():

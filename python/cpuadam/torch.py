@@ -834,7 +834,8 @@ def step_in_backward(model_or_params: Any, optimizer_class: type = AdamW,
     every grad of a step at once (``global_clipnorm``, ``skip_nonfinite``,
     ``gradient_accumulation_steps``, a :class:`DynamicLossScale`) and params that
     would take torch.optim's own step (float64, complex, non-contiguous,
-    ``differentiable=True``) are refused with ValueError when the handle is made.
+    ``differentiable=True``, and, given a module, the weights of its
+    ``sparse=True`` embeddings) are refused with ValueError when the handle is made.
 
     Example:
         >>> import torch
@@ -848,8 +849,12 @@ def step_in_backward(model_or_params: Any, optimizer_class: type = AdamW,
     if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, _CoreOptimizer)):
         raise TypeError("optimizer_class must be cpuadam.torch.AdamW, cpuadam.torch.Adam or "
                         f"cpuadam.torch.SGD, got {optimizer_class!r}")
+    sparse: set = set()  # params whose grads a module makes sparse (Embedding(sparse=True))
     if isinstance(model_or_params, torch.nn.Module):
         params: Any = [p for p in model_or_params.parameters() if p.requires_grad]
+        sparse = {id(m.weight) for m in model_or_params.modules()
+                  if getattr(m, "sparse", False) is True and isinstance(getattr(m, "weight", None),
+                                                                        torch.Tensor)}
     else:
         params = model_or_params
     optimizer = optimizer_class(params, **hparams)
@@ -857,6 +862,8 @@ def step_in_backward(model_or_params: Any, optimizer_class: type = AdamW,
     for gi, group in enumerate(optimizer.param_groups):
         for pi, p in enumerate(group["params"]):
             reason = _torch_path_reason(p, p, group) if p.requires_grad else None
+            if reason is None and id(p) in sparse:
+                reason = "sparse grad"
             if reason is not None:
                 raise ValueError(f"{param_name(gi, pi)} would take torch.optim's own step "
                                  f"({reason}), which step_in_backward does not run: give it to "
