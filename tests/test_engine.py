@@ -552,3 +552,32 @@ def test_a_misspelled_option_names_the_optimizer():
         with pytest.raises(TypeError, match=r"^(AdamW|SGD)\(\) got an unexpected keyword argument "
                                             r"'clip_norm'$"):
             make()
+
+
+def test_a_schedule_is_asked_once_per_step_even_when_the_step_is_planned_again():
+    calls = []
+
+    def schedule(step):
+        calls.append(step)
+        return 1e-2
+
+    p = np.ones(8, np.float32)
+    opt = cpuadam.AdamW([p], lr=schedule)
+    opt.step([np.ones(8, np.float32)])
+    opt.step([np.ones(8, np.float16)])  # the reused plan's grad dtype no longer fits
+    assert calls == [1, 2]
+
+
+def test_a_float64_param_beside_the_fused_ones_steps_with_use_ema():
+    # The engine's EMA state for a param torch.optim steps must not stop torch's step.
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
+    q = torch.nn.Parameter(torch.randn(4))
+    ref = torch.nn.Parameter(p.detach().clone())
+    opt, ref_opt = ct.AdamW([p, q], lr=1e-2, use_ema=True), torch.optim.AdamW([ref], lr=1e-2)
+    for _ in range(2):
+        p.grad, q.grad, ref.grad = torch.ones(4, dtype=torch.float64), torch.ones(4), \
+            torch.ones(4, dtype=torch.float64)
+        opt.step()
+        ref_opt.step()
+    assert torch.equal(p, ref)

@@ -317,3 +317,27 @@ def test_swap_ema_twice_restores_the_weight_and_its_master(mode, front):
     else:  # the average comes back from the pair, good to its ~16 bits
         assert np.max(np.abs(after[2] - before[2])) <= np.abs(before[2]).max() * 2.0**-16
     assert np.array_equal(before[1], after[1])
+
+
+def test_a_master_left_by_a_checkpoint_of_another_mode_is_not_read():
+    # A "master" checkpoint loaded into an optimizer with the default update keeps its
+    # master_param entry, stale from then on: swap_ema and the EMA use the param itself.
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64).to(torch.bfloat16))
+    q = torch.nn.Parameter(torch.randn(64).to(torch.bfloat16))
+    a = ct.AdamW([p, q], lr=1e-2, param_update="master")
+    for _ in range(3):
+        p.grad, q.grad = torch.randn(64).to(torch.bfloat16), torch.randn(64).to(torch.bfloat16)
+        a.step()
+    b = ct.AdamW([p, q], lr=1e-2, use_ema=True, ema_momentum=0.5)
+    b.load_state_dict(a.state_dict())
+    assert "master_param" in b.state[p]
+    q.grad = None
+    for _ in range(3):
+        p.grad = torch.randn(64).to(torch.bfloat16)  # q takes no grad: its EMA follows q
+        b.step()
+    p0 = p.detach().clone()
+    b.swap_ema()
+    b.swap_ema()
+    assert torch.equal(p.detach(), p0)
+    assert torch.equal(b.ema_params()[1], q.detach().float())

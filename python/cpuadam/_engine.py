@@ -630,8 +630,9 @@ class Engine:
         plans = self._plans
         plan = plans.get(key)
         result = None
+        lrs = [self._current_lr(group) for group in groups]  # a schedule is asked once a step
         if plan is not None:
-            batches = self._gather(plan, groups, state, grads, live=True, amp_scale=amp_scale)
+            batches = self._gather(plan, groups, state, grads, lrs, live=True, amp_scale=amp_scale)
             if batches is not None:
                 try:
                     result = self.rule.core_step(batches, global_clipnorm=opts.global_clipnorm,
@@ -642,7 +643,7 @@ class Engine:
                     result = None
         if result is None:
             plan = self._make_plan(key, groups, state, grads, skeys, targets)
-            batches = self._gather(plan, groups, state, grads, live=False, amp_scale=amp_scale)
+            batches = self._gather(plan, groups, state, grads, lrs, live=False, amp_scale=amp_scale)
             result = self.rule.core_step(batches, global_clipnorm=opts.global_clipnorm,
                                          skip_nonfinite=opts.skip_nonfinite)
         if isinstance(opts.loss_scale_factor, DynamicLossScale):
@@ -914,7 +915,7 @@ class Engine:
             return False  # a key removed, a group shortened, a step that is not a number
         return True
 
-    def _gather(self, plan: _Plan, groups: list[dict], state: Any, grads: Any,
+    def _gather(self, plan: _Plan, groups: list[dict], state: Any, grads: Any, lrs: list,
                 live: bool, amp_scale: float | None = None) -> list[dict] | None:
         """This step's batch dicts; None if the plan no longer describes the live state."""
         if live and (plan.pending or not self._alive(plan, groups, state)):
@@ -928,7 +929,6 @@ class Engine:
         if amp_scale is not None:
             grad_scale /= amp_scale
         ema_momentum = opts.ema_momentum if self.iterations > 0 else 0.0
-        lrs = [self._current_lr(group) for group in groups]
         out = []
         checked = self._checked
         key_name = "step" if rule.counts_steps else "momentum_first"
@@ -1076,22 +1076,31 @@ class Engine:
             if avg is None:
                 continue
             st = state[skey]
-            if st.get("master_param") is None and st.get("kahan_comp") is None:
+            if self._param_update(self.adapter.dtype_name(p)) not in ("master", "kahan"):
                 self.adapter.swap(p, avg)
                 continue
             value = self.adapter.from_numpy(self._value_of(p, st))
             self._set_value(p, st, avg)
             self.adapter.assign(avg, value)
 
+    def _kept(self, p: Any, st: dict | None, key: str, update: str) -> Any:
+        """st[key] if p's update mode is update and keeps it there (a buffer of another
+        mode, left by a checkpoint or a cast, is not read)."""
+        if not st or st.get(key) is None:
+            return None
+        return st[key] if self._param_update(self.adapter.dtype_name(p)) == update else None
+
     def _value_of(self, p: Any, st: dict | None) -> np.ndarray:
         """The float32 value the step reads for param p: its master, or the param plus its
         Kahan compensation, or the param itself."""
         adapter = self.adapter
-        if st and st.get("master_param") is not None:
-            return adapter.float32_of(st["master_param"])
+        master = self._kept(p, st, "master_param", "master")
+        if master is not None:
+            return adapter.float32_of(master)
         value = adapter.float32_of(p)
-        if st and st.get("kahan_comp") is not None:
-            value += adapter.float32_of(st["kahan_comp"])
+        comp = self._kept(p, st, "kahan_comp", "kahan")
+        if comp is not None:
+            value += adapter.float32_of(comp)
         return value
 
     def _set_value(self, p: Any, st: dict, value: Any) -> None:
@@ -1099,10 +1108,11 @@ class Engine:
         (if any) to value, p to value rounded to p's dtype, the Kahan compensation (if any)
         to what that rounding dropped (0 where the rounded value is not finite)."""
         adapter = self.adapter
-        if st.get("master_param") is not None:
-            adapter.assign(st["master_param"], value)
+        master = self._kept(p, st, "master_param", "master")
+        if master is not None:
+            adapter.assign(master, value)
         adapter.assign(p, value)
-        if st.get("kahan_comp") is not None:
+        if self._kept(p, st, "kahan_comp", "kahan") is not None:
             stored = adapter.float32_of(p)
             with np.errstate(invalid="ignore"):
                 dropped = np.where(np.isfinite(stored), adapter.float32_of(value) - stored,
@@ -1226,8 +1236,7 @@ class Engine:
 def is_own_qmap(obj: Any, moment: str) -> bool:
     """Whether obj holds exactly cpuadam's code map for moment (256 float32 values)."""
     values = _values_of(obj)
-    return values.dtype == np.float32 and values.size == 256 and \
-        np.array_equal(values.reshape(-1), _core.qmap(QUANT_MAPS[moment]))
+    return values.size == 256 and np.array_equal(values.reshape(-1), _core.qmap(QUANT_MAPS[moment]))
 
 
 def _values_of(obj: Any) -> np.ndarray:

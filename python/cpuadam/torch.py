@@ -530,8 +530,8 @@ class _AdamBase(_CoreOptimizer):
         exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], []
         for p in params:
             state = self.state[p]
-            if len(state) == 0:
-                state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+            if "exp_avg" not in state:  # new, or holding only the engine's EMA
+                state.setdefault("step", torch.tensor(0.0, dtype=_scalar_dtype()))
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if group["amsgrad"]:
